@@ -1,0 +1,35 @@
+"""agentkit's own exceptions. Every message says what the user can do next."""
+
+from __future__ import annotations
+
+
+class AgentkitError(Exception):
+    """Base class of every error agentkit raises on purpose."""
+
+
+class ConfigError(AgentkitError):
+    """A setting is missing or invalid."""
+
+
+class InvalidPathError(AgentkitError):
+    """A path given by the user does not exist or is not the kind of path expected."""
+
+
+class IndexNotFoundError(AgentkitError):
+    """No index exists at the given path."""
+
+
+class IndexFormatError(AgentkitError):
+    """The index on disk was written by another format version or is damaged."""
+
+
+class IndexLockedError(AgentkitError):
+    """Another process is writing to the same index."""
+
+
+class EmbeddingModelError(AgentkitError):
+    """The embedding model cannot be loaded or does not match the index."""
+
+
+class InvalidQueryError(AgentkitError):
+    """A search query is empty or too long."""

@@ -1,0 +1,1 @@
+"""agentkit.prompts (see ../shared/design.md)."""

@@ -1,0 +1,192 @@
+"""The index as an SDK object: ``Index.open(path).search(query, k=5)``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from agentkit.errors import EmbeddingModelError, IndexNotFoundError
+from agentkit.settings import Settings, get_settings
+
+from . import indexer
+from .embedding import Embedder
+from .indexer import ChunkingParams, ProgressFn
+from .search import SearchMode, search
+from .store import SQLITE_FILE, IndexStore, writer_lock
+from .types import Hit, LoadedDocument, SyncSummary
+
+
+class Index:
+    """An open index folder: search it, or bring it up to date with documents.
+
+    Methods that write take the index's single-writer lock; another writer gets
+    ``IndexLockedError``. The embedding model and chunking of an index are those recorded in its
+    manifest; asking for another model is an ``EmbeddingModelError``.
+    """
+
+    def __init__(self, store: IndexStore, settings: Settings, embedder: Embedder | None = None) -> None:
+        self.store = store
+        self.settings = settings
+        embedding = store.manifest["embedding"]
+        self.embedder = embedder or Embedder(
+            embedding["model"],
+            backend=embedding["backend"],
+            device=settings.embedding_device,
+            batch_size=settings.embedding_batch_size,
+            cache_dir=settings.cache_dir,
+        )
+        chunking = store.manifest["chunking"]
+        self.chunking = ChunkingParams(chunking["max_tokens"], chunking["overlap_tokens"])
+
+    @property
+    def path(self) -> Path:
+        return self.store.path
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path | None = None,
+        *,
+        settings: Settings | None = None,
+        embedder: Embedder | None = None,
+    ) -> Index:
+        """Open an existing index (default: ``AGENTKIT_INDEX``, else ``./.agentkit/index``).
+
+        ``embedder`` replaces the model named in the manifest (tests, custom models); its
+        ``name`` must still match the manifest's.
+        """
+        settings = settings or get_settings()
+        path = Path(path or settings.index).expanduser()
+        store = IndexStore.open(path)
+        check_embedding_model(store.manifest, settings, path, embedder)
+        return cls(store, settings, embedder)
+
+    @classmethod
+    def create(
+        cls, path: str | Path, *, settings: Settings | None = None, embedder: Embedder | None = None
+    ) -> Index:
+        """A new, empty index at ``path`` with the configured embedding model and chunking."""
+        settings = settings or get_settings()
+        path = Path(path).expanduser()
+        embedder = embedder or Embedder(
+            settings.embedding_model,
+            backend=settings.embedding_backend,
+            device=settings.embedding_device,
+            batch_size=settings.embedding_batch_size,
+            cache_dir=settings.cache_dir,
+        )
+        max_tokens = min(settings.chunk_tokens or embedder.max_tokens, embedder.max_tokens)
+        manifest = {
+            "embedding": {
+                "model": embedder.name,
+                "backend": embedder.backend,
+                "dim": embedder.dim,
+                "max_tokens": embedder.max_tokens,
+            },
+            "chunking": {
+                "max_tokens": max_tokens,
+                "overlap_tokens": settings.chunk_overlap_tokens,
+                "markdown": "split at headings, heading path kept",
+                "splitter": "langchain RecursiveCharacterTextSplitter, token-sized",
+                "prefix": "title > heading, embedded before each chunk",
+            },
+        }
+        return cls(IndexStore.create(path, manifest), settings, embedder)
+
+    @classmethod
+    def open_or_create(
+        cls,
+        path: str | Path | None = None,
+        *,
+        settings: Settings | None = None,
+        embedder: Embedder | None = None,
+    ) -> Index:
+        settings = settings or get_settings()
+        path = Path(path or settings.index).expanduser()
+        if (path / SQLITE_FILE).exists():
+            return cls.open(path, settings=settings, embedder=embedder)
+        return cls.create(path, settings=settings, embedder=embedder)
+
+    def search(self, query: str, *, k: int = 5, mode: SearchMode = "hybrid") -> list[Hit]:
+        """The ``k`` best chunks for ``query`` (hybrid: dense + BM25, fused by reciprocal rank)."""
+        return search(
+            self.store, self.embedder, query, k=k, mode=mode, max_query_chars=self.settings.max_query_chars
+        )
+
+    def sync_folder(self, folder: str | Path, *, progress: ProgressFn | None = None) -> SyncSummary:
+        """Make the index match ``folder``: add new files, replace changed, remove deleted."""
+        with writer_lock(self.path):
+            return indexer.sync_folder(self.store, self.embedder, Path(folder), self.chunking, progress)
+
+    def add_documents(self, docs: Iterable[LoadedDocument]) -> SyncSummary:
+        """Add or replace in-memory documents (matched by root and source)."""
+        with writer_lock(self.path):
+            return indexer.add_documents(self.store, self.embedder, docs, self.chunking)
+
+    def stats(self) -> dict[str, Any]:
+        documents, chunks = self.store.counts()
+        return {"path": str(self.path), "documents": documents, "chunks": chunks, **self.store.manifest}
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_embedding_model(
+    manifest: dict[str, Any], settings: Settings, path: Path, embedder: Embedder | None = None
+) -> None:
+    """An explicitly configured embedding model must be the one the index was built with."""
+    built_with = manifest["embedding"]["model"]
+    asked = embedder.name if embedder else None
+    if asked is None and "embedding_model" in settings.model_fields_set:
+        asked = settings.embedding_model
+    if asked is not None and asked != built_with:
+        raise EmbeddingModelError(
+            f"the index at {path} was built with the embedding model {built_with!r}, but "
+            f"{asked!r} was asked for: its vectors are not comparable. "
+            f"Rebuild with `agentkit index DIR --index {path} --full`, or drop the setting"
+        )
+
+
+def index_folder(
+    folder: str | Path,
+    index_path: str | Path | None = None,
+    *,
+    full: bool = False,
+    settings: Settings | None = None,
+    progress: ProgressFn | None = None,
+    embedder: Embedder | None = None,
+) -> SyncSummary:
+    """Create or update the index at ``index_path`` from ``folder``.
+
+    ``full`` rebuilds from scratch in a folder beside the index and swaps it in atomically at the
+    end, so the previous index serves until the new one is complete.
+    """
+    settings = settings or get_settings()
+    index_path = Path(index_path or settings.index).expanduser()
+    with writer_lock(index_path):
+        if full or not (index_path / SQLITE_FILE).exists():
+            indexer.check_folder(Path(folder))  # fail before creating anything
+            build = index_path.with_name(f".{index_path.name}.build-{os.getpid()}")
+            shutil.rmtree(build, ignore_errors=True)
+            try:
+                with Index.create(build, settings=settings, embedder=embedder) as index:
+                    summary = indexer.sync_folder(index.store, index.embedder, Path(folder), index.chunking, progress)
+                indexer.replace_directory(index_path, build)
+            finally:
+                shutil.rmtree(build, ignore_errors=True)
+            summary.index = str(index_path)
+            return summary
+        with Index.open(index_path, settings=settings, embedder=embedder) as index:
+            return indexer.sync_folder(index.store, index.embedder, Path(folder), index.chunking, progress)
+
+
+__all__ = ["Index", "index_folder", "IndexNotFoundError"]

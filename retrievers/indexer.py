@@ -1,0 +1,227 @@
+"""Bring an index up to date with a folder (or any documents): skip, replace, add, remove.
+
+Everything one run changes is committed in one SQLite transaction (see ``store.py``).
+Chunks are embedded in batches across documents, so the embedding batches stay full and
+length-sorted, and memory stays bounded by the batch, not by the folder.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from agentkit.errors import AgentkitError, InvalidPathError
+
+from .chunking import TokenCounter, chunk_document, line_number, line_starts_of
+from .embedding import Embedder
+from .loaders import load_file, supported_extensions, walk_files
+from .store import IndexStore, chunk_id_for
+from .types import ChunkSpan, LoadedDocument, SyncSummary
+
+ProgressFn = Callable[[int, int, int], None]  # files done, files total, chunks embedded
+EMBED_BATCH_CHUNKS = 256
+
+
+@dataclass
+class ChunkingParams:
+    max_tokens: int
+    overlap_tokens: int
+
+
+class _Ingest:
+    """Queues chunked documents and writes them, embedded, in batches."""
+
+    def __init__(
+        self, store: IndexStore, embedder: Embedder, params: ChunkingParams, summary: SyncSummary
+    ) -> None:
+        self.store, self.embedder, self.params, self.summary = store, embedder, params, summary
+        self.pending: list[tuple[LoadedDocument, int | None, list[ChunkSpan]]] = []
+        self.pending_chunks = 0
+        self._counter: TokenCounter | None = None
+
+    def add(self, doc: LoadedDocument, replaces: int | None) -> None:
+        if self._counter is None:
+            self._counter = self.embedder.counter
+        spans = chunk_document(
+            doc,
+            self._counter,
+            max_tokens=self.params.max_tokens,
+            overlap_tokens=self.params.overlap_tokens,
+        )
+        self.pending.append((doc, replaces, spans))
+        self.pending_chunks += len(spans)
+        if self.pending_chunks >= EMBED_BATCH_CHUNKS:
+            self.flush()
+
+    def flush(self) -> None:
+        texts = [span.embedding_text for _, _, spans in self.pending for span in spans]
+        vectors = self.embedder.embed(texts)
+        offset = 0
+        for doc, replaces, spans in self.pending:
+            if replaces is not None:
+                self.store.remove_documents([replaces])
+            self.store.add_document(
+                document_row(doc), chunk_rows(doc, spans), vectors[offset : offset + len(spans)]
+            )
+            offset += len(spans)
+            self.summary.updated += replaces is not None
+            self.summary.added += replaces is None
+        self.summary.chunks_embedded += len(texts)
+        self.pending, self.pending_chunks = [], 0
+
+
+def document_row(doc: LoadedDocument) -> dict[str, object]:
+    return {
+        "root": doc.root,
+        "source": doc.source,
+        "title": doc.title,
+        "format": doc.format,
+        "content_hash": doc.content_hash,
+        "has_lines": int(doc.has_lines),
+    }
+
+
+def chunk_rows(doc: LoadedDocument, spans: list[ChunkSpan]) -> list[dict[str, object]]:
+    starts = line_starts_of(doc.text) if doc.has_lines else None
+    rows = []
+    for ordinal, span in enumerate(spans):
+        rows.append(
+            {
+                "id": chunk_id_for(doc.root, doc.source, doc.content_hash, ordinal),
+                "ordinal": ordinal,
+                "heading": span.heading,
+                "text": span.text,
+                "char_start": span.char_start,
+                "char_end": span.char_end,
+                "line_start": line_number(starts, span.char_start) if starts else None,
+                "line_end": line_number(starts, max(span.char_end - 1, span.char_start))
+                if starts
+                else None,
+                "page": doc.text.count("\f", 0, span.char_start) + 1 if doc.format == "pdf" else None,
+                "n_tokens": span.n_tokens,
+            }
+        )
+    return rows
+
+
+def check_folder(folder: Path) -> Path:
+    """The resolved folder, or InvalidPathError when it is missing or not a folder."""
+    folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise InvalidPathError(f"{folder} does not exist: give the folder of documents to index")
+    if not folder.is_dir():
+        raise InvalidPathError(f"{folder} is not a folder: give the folder that holds the documents")
+    return folder.resolve()
+
+
+def sync_folder(
+    store: IndexStore,
+    embedder: Embedder,
+    folder: Path,
+    params: ChunkingParams,
+    progress: ProgressFn | None = None,
+) -> SyncSummary:
+    """Make the documents of ``folder`` in the index match the folder, in one transaction."""
+    root = check_folder(folder)
+    started = time.perf_counter()
+    summary = SyncSummary(index=str(store.path))
+    extensions = set(supported_extensions())
+    files = list(walk_files(root, summary.warnings))
+    candidates = [f for f in files if f.suffix.lower() in extensions]
+    summary.skipped = len(files) - len(candidates)
+    known = store.document_hashes(str(root))
+    if not candidates and not known:
+        raise InvalidPathError(
+            f"{folder} holds no files to index (looked for {', '.join(sorted(extensions))})"
+        )
+    seen: set[str] = set()
+    with store.transaction():
+        ingest = _Ingest(store, embedder, params, summary)
+        for done, path in enumerate(candidates, 1):
+            source = path.relative_to(root).as_posix()
+            seen.add(source)  # a file we fail to read keeps its previous version in the index
+            try:
+                raw = path.read_bytes()
+                content_hash = hashlib.sha256(raw).hexdigest()
+                if known.get(source, (None, None))[1] == content_hash:
+                    summary.unchanged += 1
+                    continue
+                doc = load_file(path, root, raw, content_hash)
+            except (OSError, ValueError) as error:
+                summary.warnings.append(f"skipped {source}: {error}")
+                summary.skipped += 1
+                continue
+            finally:
+                if progress:
+                    progress(done, len(candidates), summary.chunks_embedded)
+            if doc is None:
+                summary.skipped += 1
+                continue
+            summary.warnings.extend(doc.warnings)
+            ingest.add(doc, known.get(source, (None, None))[0])
+        ingest.flush()
+        gone = [doc_id for source, (doc_id, _) in known.items() if source not in seen]
+        store.remove_documents(gone)
+        summary.removed = len(gone)
+    if progress:
+        progress(len(candidates), len(candidates), summary.chunks_embedded)
+    summary.documents_total, summary.chunks_total = store.counts()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def add_documents(
+    store: IndexStore,
+    embedder: Embedder,
+    docs: Iterable[LoadedDocument],
+    params: ChunkingParams,
+) -> SyncSummary:
+    """Add or replace documents (matched by ``root`` and ``source``); unchanged ones are skipped."""
+    started = time.perf_counter()
+    summary = SyncSummary(index=str(store.path))
+    known: dict[str, dict[str, tuple[int, str]]] = {}
+    with store.transaction():
+        ingest = _Ingest(store, embedder, params, summary)
+        for doc in docs:
+            hashes = known.setdefault(doc.root, store.document_hashes(doc.root))
+            doc_id, content_hash = hashes.get(doc.source, (None, None))
+            if content_hash == doc.content_hash:
+                summary.unchanged += 1
+                continue
+            if doc_id == -1:
+                raise AgentkitError(f"the source {doc.source!r} appears twice in one call; give it once")
+            hashes[doc.source] = (-1, doc.content_hash)
+            ingest.add(doc, doc_id)
+        ingest.flush()
+    summary.documents_total, summary.chunks_total = store.counts()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def exchange_directories(a: Path, b: Path) -> None:
+    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE), else by two renames."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2 is not None and renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return
+    parked = a.with_name(a.name + f".old-{os.getpid()}")
+    os.rename(a, parked)
+    os.rename(b, a)
+    os.rename(parked, b)
+
+
+def replace_directory(target: Path, built: Path) -> None:
+    """Put the freshly built index ``built`` at ``target``, then delete the old one."""
+    if target.exists():
+        exchange_directories(target, built)
+        shutil.rmtree(built, ignore_errors=True)
+    else:
+        os.rename(built, target)

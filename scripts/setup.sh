@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create .venv/ at the repo root and install agentkit into it (editable) with the given extras.
+# Idempotent: a second run with nothing changed takes a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-dev}"
+python="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+stamp=".venv/.agentkit-installed-$extras"
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
+  exit 0
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+# The CPU build of torch first (pip's find-links on these machines hold it); with it in place,
+# sentence-transformers does not pull a multi-GB CUDA build.
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  .venv/bin/python -m pip install --quiet "torch==2.13.0"
+fi
+.venv/bin/python -m pip install --quiet -e ".[$extras]"
+touch "$stamp"

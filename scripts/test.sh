@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set up and run the whole test suite (unit and integration tests).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh dev
+.venv/bin/python -m pytest "$@"

@@ -1,0 +1,1 @@
+"""agentkit.services (see ../shared/design.md)."""

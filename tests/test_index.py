@@ -1,0 +1,193 @@
+"""Indexing a folder into SQLite + FAISS: incremental, atomic, single-writer, cited hits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fakes import HashingEmbedder
+
+from agentkit import (
+    EmbeddingModelError,
+    Index,
+    IndexFormatError,
+    IndexLockedError,
+    IndexNotFoundError,
+    InvalidPathError,
+    InvalidQueryError,
+    index_folder,
+)
+from agentkit.retrievers.store import writer_lock
+from agentkit.settings import Settings
+
+
+def build(docs: Path, settings: Settings, embedder: HashingEmbedder, **kw):
+    return index_folder(docs, settings.index, settings=settings, embedder=embedder, **kw)
+
+
+def sources(index: Index) -> set[str]:
+    return {r[0] for r in index.store.db.execute("SELECT source FROM documents")}
+
+
+def test_folder_is_indexed_with_citable_hits(docs: Path, settings: Settings, embedder: HashingEmbedder) -> None:
+    summary = build(docs, settings, embedder)
+    assert (summary.added, summary.skipped, summary.documents_total) == (3, 1, 3)
+    with Index.open(settings.index, settings=settings, embedder=embedder) as index:
+        hit = index.search("aardvark zlib", k=1)[0]
+    assert hit.source == "guide/install.md"
+    assert hit.title == "Installing" and hit.heading == "Installing > Requirements"
+    assert hit.line_start == 5 and hit.location == f"{docs.resolve()}/guide/install.md:5"
+    text = (docs / "guide" / "install.md").read_text()
+    assert text[hit.char_start : hit.char_end] == hit.text
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "dense", "bm25"])
+def test_every_mode_finds_the_right_file(docs: Path, settings: Settings, embedder: HashingEmbedder, mode: str) -> None:
+    build(docs, settings, embedder)
+    with Index.open(settings.index, settings=settings, embedder=embedder) as index:
+        assert index.search("walrus release", k=1, mode=mode)[0].source == "notes.txt"
+
+
+def test_reindexing_skips_unchanged_and_replaces_changed_files(
+    docs: Path, settings: Settings, embedder: HashingEmbedder
+) -> None:
+    build(docs, settings, embedder)
+    embedder.embedded.clear()
+    summary = build(docs, settings, embedder)
+    assert (summary.unchanged, summary.added, summary.updated, embedder.embedded) == (3, 0, 0, [])
+
+    (docs / "notes.txt").write_text("Release notes.\nThe narwhal release replaced the old one.\n")
+    (docs / "page.html").unlink()
+    (docs / "new.md").write_text("# New\n\nA capybara appears.\n")
+    summary = build(docs, settings, embedder)
+    assert (summary.added, summary.updated, summary.removed, summary.unchanged) == (1, 1, 1, 1)
+    assert all("install" not in text.lower() for text in embedder.embedded)  # only changed files
+    with Index.open(settings.index, settings=settings, embedder=embedder) as index:
+        assert sources(index) == {"guide/install.md", "notes.txt", "new.md"}
+        assert index.store.vectors.ntotal == index.store.counts()[1]
+        assert all("walrus" not in h.text for h in index.search("walrus release", k=10))
+        assert index.search("capybara", k=1)[0].source == "new.md"
+
+
+def test_full_rebuild_reembeds_everything(docs: Path, settings: Settings, embedder: HashingEmbedder) -> None:
+    build(docs, settings, embedder)
+    summary = build(docs, settings, embedder, full=True)
+    assert (summary.added, summary.unchanged) == (3, 0)
+    assert not [p for p in settings.index.parent.iterdir() if ".build-" in p.name]
+
+
+def test_a_second_writer_is_refused(docs: Path, settings: Settings, embedder: HashingEmbedder) -> None:
+    build(docs, settings, embedder)
+    with writer_lock(settings.index):
+        with pytest.raises(IndexLockedError, match="another process .* is writing"):
+            build(docs, settings, embedder)
+
+
+def test_bad_paths_are_clear_errors(tmp_path: Path, settings: Settings, embedder: HashingEmbedder) -> None:
+    with pytest.raises(InvalidPathError, match="does not exist"):
+        build(tmp_path / "nope", settings, embedder)
+    (tmp_path / "file.md").write_text("x")
+    with pytest.raises(InvalidPathError, match="not a folder"):
+        build(tmp_path / "file.md", settings, embedder)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidPathError, match="holds no files to index"):
+        build(tmp_path / "empty", settings, embedder)
+    assert not settings.index.exists()
+    with pytest.raises(IndexNotFoundError, match="agentkit index DIR"):
+        Index.open(settings.index, settings=settings)
+
+
+def test_bad_queries_are_refused_and_leave_the_index_intact(
+    docs: Path, settings: Settings, embedder: HashingEmbedder
+) -> None:
+    build(docs, settings, embedder)
+    with Index.open(settings.index, settings=settings, embedder=embedder) as index:
+        with pytest.raises(InvalidQueryError, match="empty"):
+            index.search("   ")
+        with pytest.raises(InvalidQueryError, match="102,400 characters"):
+            index.search("a" * 102_400)
+        assert index.search("?!", k=3) != []  # no words for BM25: dense still answers
+        assert index.search("pelican", k=1)[0].source == "page.html"
+
+
+def test_another_format_version_is_refused(docs: Path, settings: Settings, embedder: HashingEmbedder) -> None:
+    build(docs, settings, embedder)
+    manifest_path = settings.index / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(IndexFormatError, match="format version 99.*--full"):
+        Index.open(settings.index, settings=settings)
+    build(docs, settings, embedder, full=True)  # --full replaces it
+    assert json.loads(manifest_path.read_text())["format_version"] == 1
+
+
+def test_another_embedding_model_is_refused(docs: Path, settings: Settings, embedder: HashingEmbedder) -> None:
+    build(docs, settings, embedder)
+    with pytest.raises(EmbeddingModelError, match="built with the embedding model 'test/hashing'"):
+        Index.open(settings.index, settings=settings, embedder=HashingEmbedder(name="other/model"))
+    explicit = Settings(index=settings.index, embedding_model="sentence-transformers/all-mpnet-base-v2")
+    with pytest.raises(EmbeddingModelError, match="not comparable"):
+        Index.open(settings.index, settings=explicit)
+
+
+def test_stale_faiss_file_is_rebuilt_from_sqlite(docs: Path, settings: Settings, embedder: HashingEmbedder) -> None:
+    build(docs, settings, embedder)
+    (settings.index / "vectors.faiss").unlink()
+    with Index.open(settings.index, settings=settings, embedder=embedder) as index:
+        assert index.store.vectors.ntotal == index.store.counts()[1] > 0
+        assert index.search("walrus", k=1)[0].source == "notes.txt"
+
+
+KILL_SCRIPT = """
+import sys, pathlib
+sys.path.insert(0, {tests!r})
+from fakes import HashingEmbedder
+from agentkit import index_folder
+from agentkit.settings import Settings
+from agentkit.retrievers import indexer
+
+class Marking(HashingEmbedder):
+    def embed(self, texts):
+        pathlib.Path({marker!r}).touch()
+        return super().embed(texts)
+
+indexer.EMBED_BATCH_CHUNKS = 1
+settings = Settings(index={index!r}, cache_dir={cache!r})
+index_folder({docs!r}, settings=settings, embedder=Marking(delay_s=0.5), full={full})
+"""
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["incremental", "full"])
+def test_killing_the_indexer_mid_run_leaves_the_previous_index(
+    docs: Path, settings: Settings, embedder: HashingEmbedder, tmp_path: Path, full: bool
+) -> None:
+    build(docs, settings, embedder)
+    with Index.open(settings.index, settings=settings, embedder=embedder) as index:
+        before = (sources(index), index.store.counts())
+    for i in range(20):
+        (docs / f"extra{i}.md").write_text(f"# Extra {i}\n\nThe tapir number {i}.\n")
+    (docs / "notes.txt").write_text("changed\n")
+    marker = tmp_path / "embedding-started"
+    script = KILL_SCRIPT.format(
+        tests=str(Path(__file__).parent), marker=str(marker), index=str(settings.index),
+        cache=str(settings.cache_dir), docs=str(docs), full=full,
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], env={**os.environ})
+    deadline = time.monotonic() + 60
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.7)  # some batches written inside the transaction
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL  # killed mid-run, not finished
+    assert marker.exists()
+    with Index.open(settings.index, settings=settings, embedder=embedder) as index:
+        assert (sources(index), index.store.counts()) == before
+        assert index.search("walrus release", k=1)[0].source == "notes.txt"
+    summary = build(docs, settings, embedder)  # the lock died with the process
+    assert summary.added == 20

@@ -1,0 +1,1 @@
+"""agentkit.tools (see ../shared/design.md)."""
