@@ -10,8 +10,15 @@ from agentkit.errors import (
     InvalidPathError,
     InvalidQueryError,
 )
+from agentkit.retrievers import (
+    Hit,
+    Index,
+    LoadedDocument,
+    SyncSummary,
+    index_folder,
+    register_loader,
+)
 from agentkit.settings import Settings, get_settings
-from agentkit.retrievers import Hit, Index, LoadedDocument, SyncSummary, index_folder, register_loader
 
 __version__ = "0.1.0"
 

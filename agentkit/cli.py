@@ -17,12 +17,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from agentkit.errors import AgentkitError
 from agentkit.settings import get_settings
 
-app = typer.Typer(help="agentkit: RAG, PAL and ReAct agents on a self-hosted model.", no_args_is_help=True)
+app = typer.Typer(
+    help="agentkit: RAG, PAL and ReAct agents on a self-hosted model.", no_args_is_help=True
+)
 console = Console()
 errors = Console(stderr=True)
 
 IndexOption = Annotated[
-    Path | None, typer.Option("--index", help="Index folder (default: AGENTKIT_INDEX or ./.agentkit/index).")
+    Path | None,
+    typer.Option("--index", help="Index folder (default: AGENTKIT_INDEX or ./.agentkit/index)."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Quiet, machine-readable output.")]
 
@@ -121,7 +124,9 @@ def search_command(
         location = hit.location
         if location.startswith(str(Path.cwd()) + "/"):
             location = location[len(str(Path.cwd())) + 1 :]
-        console.print(f"[bold]{rank}. {location}[/]{where}  [dim]{hit.score:.4f}[/]", highlight=False)
+        console.print(
+            f"[bold]{rank}. {location}[/]{where}  [dim]{hit.score:.4f}[/]", highlight=False
+        )
         snippet = " ".join(hit.text.split())
         console.print(f"   {snippet[:240]}{'…' if len(snippet) > 240 else ''}", highlight=False)
 

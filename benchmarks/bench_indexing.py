@@ -15,10 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from agentkit.retrievers.embedding import resolve_model_path
 from common import SHARED, write_result
 
 from agentkit import index_folder
-from agentkit.retrievers.embedding import resolve_model_path
 
 
 def langchain_pipeline(folder: Path) -> dict:
@@ -29,17 +29,28 @@ def langchain_pipeline(folder: Path) -> dict:
     started = time.perf_counter()
     files = sorted(folder.rglob("*.md"))
     splitter = RecursiveCharacterTextSplitter(chunk_size=1000, chunk_overlap=100)
-    docs = splitter.create_documents([f.read_text() for f in files], [{"source": str(f)} for f in files])
-    embeddings = HuggingFaceEmbeddings(model_name=resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"),
-                                       model_kwargs={"device": "cpu"}, encode_kwargs={"normalize_embeddings": True})
+    docs = splitter.create_documents(
+        [f.read_text() for f in files], [{"source": str(f)} for f in files]
+    )
+    embeddings = HuggingFaceEmbeddings(
+        model_name=resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"),
+        model_kwargs={"device": "cpu"},
+        encode_kwargs={"normalize_embeddings": True},
+    )
     FAISS.from_documents(docs, embeddings)
     seconds = time.perf_counter() - started
-    return {"chunks": len(docs), "seconds": round(seconds, 2), "chunks_per_second": round(len(docs) / seconds, 2)}
+    return {
+        "chunks": len(docs),
+        "seconds": round(seconds, 2),
+        "chunks_per_second": round(len(docs) / seconds, 2),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--folder", type=Path, default=SHARED / "data" / "docs" / "fastapi-docs" / "en")
+    parser.add_argument(
+        "--folder", type=Path, default=SHARED / "data" / "docs" / "fastapi-docs" / "en"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "docs"
@@ -49,22 +60,37 @@ def main() -> None:
         cold = index_folder(folder, index, full=True)
         warm = index_folder(folder, index)
         changed_file = sorted(folder.rglob("*.md"))[0]
-        changed_file.write_text(changed_file.read_text() + "\n\nOne more paragraph, added by the benchmark.\n")
+        changed_file.write_text(
+            changed_file.read_text() + "\n\nOne more paragraph, added by the benchmark.\n"
+        )
         one = index_folder(folder, index)
     ours_rate = cold.chunks_per_second
-    write_result("indexing", {
-        "folder": str(args.folder),
-        "langchain": baseline,
-        "agentkit_cold": {"chunks": cold.chunks_embedded, "seconds": round(cold.seconds, 2),
-                          "chunks_per_second": round(ours_rate, 2), "documents": cold.documents_total},
-        "speedup_chunks_per_second": round(ours_rate / baseline["chunks_per_second"], 2),
-        "speedup_folder_time": round(baseline["seconds"] / cold.seconds, 2),
-        "agentkit_reindex_unchanged": {"seconds": round(warm.seconds, 4), "unchanged": warm.unchanged,
-                                       "chunks_embedded": warm.chunks_embedded},
-        "reindex_speedup_vs_cold": round(cold.seconds / max(warm.seconds, 1e-9), 1),
-        "agentkit_one_file_changed": {"seconds": round(one.seconds, 3), "updated": one.updated,
-                                      "chunks_embedded": one.chunks_embedded},
-    })
+    write_result(
+        "indexing",
+        {
+            "folder": str(args.folder),
+            "langchain": baseline,
+            "agentkit_cold": {
+                "chunks": cold.chunks_embedded,
+                "seconds": round(cold.seconds, 2),
+                "chunks_per_second": round(ours_rate, 2),
+                "documents": cold.documents_total,
+            },
+            "speedup_chunks_per_second": round(ours_rate / baseline["chunks_per_second"], 2),
+            "speedup_folder_time": round(baseline["seconds"] / cold.seconds, 2),
+            "agentkit_reindex_unchanged": {
+                "seconds": round(warm.seconds, 4),
+                "unchanged": warm.unchanged,
+                "chunks_embedded": warm.chunks_embedded,
+            },
+            "reindex_speedup_vs_cold": round(cold.seconds / max(warm.seconds, 1e-9), 1),
+            "agentkit_one_file_changed": {
+                "seconds": round(one.seconds, 3),
+                "updated": one.updated,
+                "chunks_embedded": one.chunks_embedded,
+            },
+        },
+    )
 
 
 if __name__ == "__main__":

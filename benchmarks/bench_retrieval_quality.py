@@ -16,11 +16,11 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from agentkit.retrievers.embedding import resolve_model_path
+from agentkit.retrievers.search import reciprocal_rank_fusion
 from common import SHARED, load_hotpotqa, recall_at, relevant_titles, write_result
 
 from agentkit import Index
-from agentkit.retrievers.embedding import resolve_model_path
-from agentkit.retrievers.search import reciprocal_rank_fusion
 from agentkit.settings import Settings
 
 KS = (2, 5, 10)
@@ -28,7 +28,12 @@ KS = (2, 5, 10)
 
 def mean_recalls(rankings: list[list[str]], questions: list[dict]) -> dict[str, float]:
     return {
-        f"recall@{k}": round(float(np.mean([recall_at(r, relevant_titles(q), k) for r, q in zip(rankings, questions)])), 3)
+        f"recall@{k}": round(
+            float(
+                np.mean([recall_at(r, relevant_titles(q), k) for r, q in zip(rankings, questions)])
+            ),
+            3,
+        )
         for k in KS
     }
 
@@ -38,7 +43,9 @@ def baseline(questions: list[dict], docs: list) -> dict[str, dict[str, float]]:
     from sentence_transformers import SentenceTransformer
 
     titles = [d.title for d in docs]
-    model = SentenceTransformer(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"), device="cpu")
+    model = SentenceTransformer(
+        resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"), device="cpu"
+    )
     vectors = model.encode([d.text for d in docs], batch_size=32, normalize_embeddings=True)
     flat = faiss.IndexFlatIP(vectors.shape[1])
     flat.add(vectors)
@@ -49,9 +56,15 @@ def baseline(questions: list[dict], docs: list) -> dict[str, dict[str, float]]:
     bm25_ids = [list(np.argsort(-bm25.get_scores(tokenize(q["question"])))[:50]) for q in questions]
     dense = [[titles[i] for i in row] for row in dense_ids]
     sparse = [[titles[i] for i in row] for row in bm25_ids]
-    fused = [[titles[i] for i, _ in reciprocal_rank_fusion([list(d), list(b)], [1.0, 1.0])] for d, b in zip(dense_ids, bm25_ids)]
-    return {"dense": mean_recalls(dense, questions), "bm25": mean_recalls(sparse, questions),
-            "rrf": mean_recalls(fused, questions)}
+    fused = [
+        [titles[i] for i, _ in reciprocal_rank_fusion([list(d), list(b)], [1.0, 1.0])]
+        for d, b in zip(dense_ids, bm25_ids)
+    ]
+    return {
+        "dense": mean_recalls(dense, questions),
+        "bm25": mean_recalls(sparse, questions),
+        "rrf": mean_recalls(fused, questions),
+    }
 
 
 def ours(questions: list[dict], docs: list, backend: str) -> dict[str, dict[str, float]]:
@@ -61,7 +74,10 @@ def ours(questions: list[dict], docs: list, backend: str) -> dict[str, dict[str,
             index.add_documents(docs)
             results = {}
             for mode in ("dense", "bm25", "hybrid"):
-                rankings = [[h.title for h in index.search(q["question"], k=max(KS) * 2, mode=mode)] for q in questions]
+                rankings = [
+                    [h.title for h in index.search(q["question"], k=max(KS) * 2, mode=mode)]
+                    for q in questions
+                ]
                 results[mode] = mean_recalls(rankings, questions)
     return results
 
@@ -75,12 +91,23 @@ def main() -> None:
     int8 = ours(questions, docs, "onnx-int8")
     fp32 = ours(questions, docs, "torch")
     best_baseline = {f"recall@{k}": max(base[m][f"recall@{k}"] for m in base) for k in KS}
-    write_result("retrieval_quality", {
-        "data": str(args.data), "questions": len(questions), "paragraphs": len(docs),
-        "baseline": base, "agentkit_onnx_int8": int8, "agentkit_torch_fp32": fp32,
-        "hybrid_beats_every_baseline_at_every_k": all(int8["hybrid"][key] > best_baseline[key] for key in best_baseline),
-        "int8_vs_fp32_hybrid_recall@10_points": round(100 * (int8["hybrid"]["recall@10"] - fp32["hybrid"]["recall@10"]), 1),
-    })
+    write_result(
+        "retrieval_quality",
+        {
+            "data": str(args.data),
+            "questions": len(questions),
+            "paragraphs": len(docs),
+            "baseline": base,
+            "agentkit_onnx_int8": int8,
+            "agentkit_torch_fp32": fp32,
+            "hybrid_beats_every_baseline_at_every_k": all(
+                int8["hybrid"][key] > best_baseline[key] for key in best_baseline
+            ),
+            "int8_vs_fp32_hybrid_recall@10_points": round(
+                100 * (int8["hybrid"]["recall@10"] - fp32["hybrid"]["recall@10"]), 1
+            ),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -14,22 +14,27 @@ import time
 from pathlib import Path
 
 import numpy as np
+from agentkit.retrievers import search as S
 from common import SHARED, load_hotpotqa, write_result
 
 from agentkit import Index, index_folder
-from agentkit.retrievers import search as S
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
     ms = sorted(s * 1000 for s in samples)
-    return {"p50_ms": round(statistics.median(ms), 2), "p95_ms": round(ms[int(0.95 * (len(ms) - 1))], 2)}
+    return {
+        "p50_ms": round(statistics.median(ms), 2),
+        "p95_ms": round(ms[int(0.95 * (len(ms) - 1))], 2),
+    }
 
 
 def replicate(index: Index, target: int) -> None:
     """Copy chunks (text, FTS row, vector) under new ids until the index holds ``target``."""
     db = index.store.db
-    rows = db.execute("SELECT c.*, v.embedding, d.title FROM chunks c JOIN vectors v ON v.chunk_id = c.id"
-                      " JOIN documents d ON d.id = c.document_id").fetchall()
+    rows = db.execute(
+        "SELECT c.*, v.embedding, d.title FROM chunks c JOIN vectors v ON v.chunk_id = c.id"
+        " JOIN documents d ON d.id = c.document_id"
+    ).fetchall()
     next_id, copies = 1 << 40, 0
     db.execute("BEGIN")
     while index.store.counts()[1] < target:
@@ -38,25 +43,36 @@ def replicate(index: Index, target: int) -> None:
             chunk = list(row[:11])
             chunk[0] = next_id
             db.execute("INSERT INTO chunks VALUES (?,?,?,?,?,?,?,?,?,?,?)", chunk)
-            db.execute("INSERT INTO chunks_fts (rowid, title, heading, body) VALUES (?,?,?,?)",
-                       (next_id, row[12], row[3], row[4]))
+            db.execute(
+                "INSERT INTO chunks_fts (rowid, title, heading, body) VALUES (?,?,?,?)",
+                (next_id, row[12], row[3], row[4]),
+            )
             batch_ids.append(next_id)
             batch_vectors.append(np.frombuffer(row[11], dtype=np.float32))
             next_id += 1
-        index.store.vectors.add_with_ids(np.stack(batch_vectors), np.array(batch_ids, dtype=np.int64))
+        index.store.vectors.add_with_ids(
+            np.stack(batch_vectors), np.array(batch_ids, dtype=np.int64)
+        )
         copies += 1
     db.execute("COMMIT")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--folder", type=Path, default=SHARED / "data" / "docs" / "fastapi-docs" / "en")
+    parser.add_argument(
+        "--folder", type=Path, default=SHARED / "data" / "docs" / "fastapi-docs" / "en"
+    )
     parser.add_argument("--chunks", type=int, default=100_000)
     args = parser.parse_args()
     questions, _ = load_hotpotqa(SHARED / "data" / "hotpotqa" / "dev_100.jsonl")
     queries = [q["question"] for q in questions] + [
-        "how do I declare a query parameter", "dependency injection with yield", "CORS middleware",
-        "upload a file", "OAuth2 password flow with JWT tokens", "background tasks after response"]
+        "how do I declare a query parameter",
+        "dependency injection with yield",
+        "CORS middleware",
+        "upload a file",
+        "OAuth2 password flow with JWT tokens",
+        "background tasks after response",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "index"
         index_folder(args.folder, path)
@@ -65,29 +81,51 @@ def main() -> None:
             small_chunks = index.store.counts()[1]
             full_small = []
             for q in queries:
-                t = time.perf_counter(); index.search(q, k=5); full_small.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                index.search(q, k=5)
+                full_small.append(time.perf_counter() - t)
             embed_small = []
             for q in queries:
-                t = time.perf_counter(); index.embedder.embed([q]); embed_small.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                index.embedder.embed([q])
+                embed_small.append(time.perf_counter() - t)
             replicate(index, args.chunks)
             large_chunks = index.store.counts()[1]
             vectors = {q: index.embedder.embed([q]) for q in queries}
-            index.embedder.embed = lambda texts: vectors[texts[0]]  # time retrieval without the model
-            retrieval_large, full_large = [], []
+            index.embedder.embed = lambda texts: vectors[
+                texts[0]
+            ]  # time retrieval without the model
+            retrieval_large = []
             for q in queries:
-                t = time.perf_counter(); index.search(q, k=5); retrieval_large.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                index.search(q, k=5)
+                retrieval_large.append(time.perf_counter() - t)
             faiss_only, fts_only = [], []
             for q in queries:
-                t = time.perf_counter(); index.store.vectors.search(vectors[q], 50); faiss_only.append(time.perf_counter() - t)
-                t = time.perf_counter(); S.bm25_ranking(index.store, q, 50); fts_only.append(time.perf_counter() - t)
-    write_result("search_latency", {
-        "queries": len(queries),
-        "small": {"chunks": small_chunks, "search_with_query_embedding": percentiles(full_small),
-                  "query_embedding_only": percentiles(embed_small)},
-        "large": {"chunks": large_chunks, "search_without_query_embedding": percentiles(retrieval_large),
-                  "faiss_top50": percentiles(faiss_only), "fts5_bm25_top50": percentiles(fts_only)},
-        "targets": {"small_p50_ms": 15, "large_retrieval_ms": 10},
-    })
+                t = time.perf_counter()
+                index.store.vectors.search(vectors[q], 50)
+                faiss_only.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                S.bm25_ranking(index.store, q, 50)
+                fts_only.append(time.perf_counter() - t)
+    write_result(
+        "search_latency",
+        {
+            "queries": len(queries),
+            "small": {
+                "chunks": small_chunks,
+                "search_with_query_embedding": percentiles(full_small),
+                "query_embedding_only": percentiles(embed_small),
+            },
+            "large": {
+                "chunks": large_chunks,
+                "search_without_query_embedding": percentiles(retrieval_large),
+                "faiss_top50": percentiles(faiss_only),
+                "fts5_bm25_top50": percentiles(fts_only),
+            },
+            "targets": {"small_p50_ms": 15, "large_retrieval_ms": 10},
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,13 @@ RESULTS = ROOT / "benchmarks" / "results"
 def write_result(name: str, data: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.machine(),
-               "cpus": __import__("os").cpu_count(), **data}
+    payload = {
+        "benchmark": name,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": platform.machine(),
+        "cpus": __import__("os").cpu_count(),
+        **data,
+    }
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(json.dumps(payload, indent=2))
     return path
@@ -36,8 +41,15 @@ def load_hotpotqa(path: Path) -> tuple[list[dict[str, Any]], list[LoadedDocument
         for title, sentences in item["context"]:
             paragraphs.setdefault(title, " ".join(s.strip() for s in sentences))
     docs = [
-        LoadedDocument(source=title, text=text, title=title, format="txt", content_hash=str(hash(text)),
-                       root="hotpotqa", has_lines=False)
+        LoadedDocument(
+            source=title,
+            text=text,
+            title=title,
+            format="txt",
+            content_hash=str(hash(text)),
+            root="hotpotqa",
+            has_lines=False,
+        )
         for title, text in paragraphs.items()
     ]
     return questions, docs

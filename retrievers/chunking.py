@@ -8,8 +8,8 @@ still exceed the model's maximum sequence length, so nothing is ever silently tr
 
 from __future__ import annotations
 
+import bisect
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from langchain_text_splitters import Language, RecursiveCharacterTextSplitter
@@ -25,7 +25,7 @@ TEXT_SEPARATORS = ["\n\n", "\n", ". ", "。", " ", ""]
 
 
 class TokenCounter:
-    """Counts and cuts text in tokens of a Hugging Face fast tokenizer (``tokenizers.Tokenizer``)."""
+    """Counts and cuts text in tokens of a fast tokenizer (``tokenizers.Tokenizer``)."""
 
     def __init__(self, tokenizer) -> None:  # noqa: ANN001 - a tokenizers.Tokenizer
         self._tokenizer = tokenizer
@@ -154,13 +154,8 @@ def _fit(piece: str, prefix: str, counter: TokenCounter, limit: int) -> list[str
 
 def line_number(line_starts: list[int], offset: int) -> int:
     """1-based line of a character offset, given the offsets at which lines start."""
-    import bisect
-
     return bisect.bisect_right(line_starts, offset)
 
 
 def line_starts_of(text: str) -> list[int]:
     return [0] + [m.end() for m in re.finditer("\n", text)]
-
-
-ChunkFn = Callable[[LoadedDocument], list[ChunkSpan]]

@@ -62,7 +62,7 @@ class PoolingConfig:
 
 
 def read_pooling_config(model_dir: Path) -> PoolingConfig | None:
-    """The pooling of a local sentence-transformers folder, or None when ONNX cannot reproduce it."""
+    """The pooling of a local sentence-transformers folder; None when ONNX cannot reproduce it."""
     try:
         modules = json.loads((model_dir / "modules.json").read_text())
         bert_config = json.loads((model_dir / "sentence_bert_config.json").read_text())
@@ -153,9 +153,8 @@ class _TorchEncoder:
                 f"cannot load the embedding model {path!r}: {error}. Name a sentence-transformers "
                 "model folder or hub name (offline, only local folders work)"
             ) from error
-        dimension = getattr(self.model, "get_embedding_dimension", None) or getattr(
-            self.model, "get_sentence_embedding_dimension"
-        )
+        dimension = getattr(self.model, "get_embedding_dimension", None)
+        dimension = dimension or self.model.get_sentence_embedding_dimension
         self.dim = int(dimension() or 0)
         self.max_tokens = int(self.model.max_seq_length)
         self.counter = TokenCounter(self.model.tokenizer.backend_tokenizer)
@@ -211,13 +210,15 @@ class _OnnxEncoder:
             ids[row, : len(encoding.ids)] = encoding.ids
             mask[row, : len(encoding.ids)] = 1
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-        hidden = self.session.run(None, {k: v for k, v in feeds.items() if k in self.input_names})[0]
+        hidden = self.session.run(None, {k: v for k, v in feeds.items() if k in self.input_names})[
+            0
+        ]
         if self.pooling.mode == "cls":
             vectors = hidden[:, 0]
         else:
             weights = mask[..., None].astype(np.float32)
             vectors = (hidden * weights).sum(1) / np.maximum(weights.sum(1), 1e-9)
-        # Always unit length, whatever the model's own Normalize: the index searches by inner product.
+        # Unit length whatever the model's own Normalize: the index searches by inner product.
         vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return vectors.astype(np.float32)
 
@@ -237,7 +238,7 @@ def export_int8_onnx(model_dir: Path, cache_dir: Path) -> Path:
     log.info("exporting %s to int8 ONNX in %s (once)", model_dir, target.parent)
     with warnings.catch_warnings():  # the tracer's warnings are about code paths we do not use
         warnings.simplefilter("ignore")
-        _export(model_dir, tmp_dir := target.parent / f".tmp-{os.getpid()}", target)
+        _export(model_dir, target.parent / f".tmp-{os.getpid()}", target)
     return target
 
 

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from agentkit.errors import EmbeddingModelError, IndexNotFoundError
+from agentkit.errors import EmbeddingModelError
 from agentkit.settings import Settings, get_settings
 
 from . import indexer
@@ -27,7 +27,9 @@ class Index:
     manifest; asking for another model is an ``EmbeddingModelError``.
     """
 
-    def __init__(self, store: IndexStore, settings: Settings, embedder: Embedder | None = None) -> None:
+    def __init__(
+        self, store: IndexStore, settings: Settings, embedder: Embedder | None = None
+    ) -> None:
         self.store = store
         self.settings = settings
         embedding = store.manifest["embedding"]
@@ -113,13 +115,20 @@ class Index:
     def search(self, query: str, *, k: int = 5, mode: SearchMode = "hybrid") -> list[Hit]:
         """The ``k`` best chunks for ``query`` (hybrid: dense + BM25, fused by reciprocal rank)."""
         return search(
-            self.store, self.embedder, query, k=k, mode=mode, max_query_chars=self.settings.max_query_chars
+            self.store,
+            self.embedder,
+            query,
+            k=k,
+            mode=mode,
+            max_query_chars=self.settings.max_query_chars,
         )
 
     def sync_folder(self, folder: str | Path, *, progress: ProgressFn | None = None) -> SyncSummary:
         """Make the index match ``folder``: add new files, replace changed, remove deleted."""
         with writer_lock(self.path):
-            return indexer.sync_folder(self.store, self.embedder, Path(folder), self.chunking, progress)
+            return indexer.sync_folder(
+                self.store, self.embedder, Path(folder), self.chunking, progress
+            )
 
     def add_documents(self, docs: Iterable[LoadedDocument]) -> SyncSummary:
         """Add or replace in-memory documents (matched by root and source)."""
@@ -128,7 +137,12 @@ class Index:
 
     def stats(self) -> dict[str, Any]:
         documents, chunks = self.store.counts()
-        return {"path": str(self.path), "documents": documents, "chunks": chunks, **self.store.manifest}
+        return {
+            "path": str(self.path),
+            "documents": documents,
+            "chunks": chunks,
+            **self.store.manifest,
+        }
 
     def close(self) -> None:
         self.store.close()
@@ -179,14 +193,15 @@ def index_folder(
             shutil.rmtree(build, ignore_errors=True)
             try:
                 with Index.create(build, settings=settings, embedder=embedder) as index:
-                    summary = indexer.sync_folder(index.store, index.embedder, Path(folder), index.chunking, progress)
+                    summary = indexer.sync_folder(
+                        index.store, index.embedder, Path(folder), index.chunking, progress
+                    )
                 indexer.replace_directory(index_path, build)
             finally:
                 shutil.rmtree(build, ignore_errors=True)
             summary.index = str(index_path)
             return summary
         with Index.open(index_path, settings=settings, embedder=embedder) as index:
-            return indexer.sync_folder(index.store, index.embedder, Path(folder), index.chunking, progress)
-
-
-__all__ = ["Index", "index_folder", "IndexNotFoundError"]
+            return indexer.sync_folder(
+                index.store, index.embedder, Path(folder), index.chunking, progress
+            )

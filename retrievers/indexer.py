@@ -104,7 +104,9 @@ def chunk_rows(doc: LoadedDocument, spans: list[ChunkSpan]) -> list[dict[str, ob
                 "line_end": line_number(starts, max(span.char_end - 1, span.char_start))
                 if starts
                 else None,
-                "page": doc.text.count("\f", 0, span.char_start) + 1 if doc.format == "pdf" else None,
+                "page": doc.text.count("\f", 0, span.char_start) + 1
+                if doc.format == "pdf"
+                else None,
                 "n_tokens": span.n_tokens,
             }
         )
@@ -117,7 +119,9 @@ def check_folder(folder: Path) -> Path:
     if not folder.exists():
         raise InvalidPathError(f"{folder} does not exist: give the folder of documents to index")
     if not folder.is_dir():
-        raise InvalidPathError(f"{folder} is not a folder: give the folder that holds the documents")
+        raise InvalidPathError(
+            f"{folder} is not a folder: give the folder that holds the documents"
+        )
     return folder.resolve()
 
 
@@ -196,7 +200,9 @@ def add_documents(
                 summary.unchanged += 1
                 continue
             if doc_id == -1:
-                raise AgentkitError(f"the source {doc.source!r} appears twice in one call; give it once")
+                raise AgentkitError(
+                    f"the source {doc.source!r} appears twice in one call; give it once"
+                )
             hashes[doc.source] = (-1, doc.content_hash)
             ingest.add(doc, doc_id)
         ingest.flush()
@@ -210,7 +216,10 @@ def exchange_directories(a: Path, b: Path) -> None:
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     renameat2 = getattr(libc, "renameat2", None)
     at_fdcwd, rename_exchange = -100, 2
-    if renameat2 is not None and renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+    if (
+        renameat2 is not None
+        and renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+    ):
         return
     parked = a.with_name(a.name + f".old-{os.getpid()}")
     os.rename(a, parked)

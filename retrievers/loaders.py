@@ -42,7 +42,9 @@ def looks_binary(raw: bytes) -> bool:
 
 
 _MD_TITLE = re.compile(r"^#\s+(.+?)\s*#*\s*$", re.MULTILINE)
-_FRONT_MATTER_TITLE = re.compile(r"\A---\s*\n(?:.*\n)*?title:\s*[\"']?(.+?)[\"']?\s*\n(?:.*\n)*?---", re.MULTILINE)
+_FRONT_MATTER_TITLE = re.compile(
+    r"\A---\s*\n(?:.*\n)*?title:\s*[\"']?(.+?)[\"']?\s*\n(?:.*\n)*?---", re.MULTILINE
+)
 
 
 def load_markdown(path: Path, raw: bytes) -> tuple[str, str, bool]:

@@ -50,7 +50,9 @@ def check_query(query: str, max_chars: int) -> str:
 def fts_query(query: str) -> str | None:
     """An FTS5 MATCH expression: the query's words (stopwords dropped), each quoted, OR-ed."""
     words = re.findall(r"\w+", query.lower())
-    terms = list(dict.fromkeys(w for w in words if w not in STOPWORDS)) or list(dict.fromkeys(words))
+    terms = list(dict.fromkeys(w for w in words if w not in STOPWORDS)) or list(
+        dict.fromkeys(words)
+    )
     if not terms:
         return None
     return " OR ".join(f'"{t}"' for t in terms[:MAX_FTS_TERMS])
@@ -93,7 +95,9 @@ def normalized(text: str) -> str:
     return " " + " ".join(re.findall(r"\w+", text.lower())) + " "
 
 
-def hybrid_fusion(store: IndexStore, query: str, dense: list[int], bm25: list[int]) -> list[tuple[int, float]]:
+def hybrid_fusion(
+    store: IndexStore, query: str, dense: list[int], bm25: list[int]
+) -> list[tuple[int, float]]:
     """RRF of dense, BM25, and the entity rankings "named" and "linked" (module docstring)."""
     candidates = list(dict.fromkeys(dense + bm25))
     if not candidates:
@@ -168,7 +172,8 @@ def fetch_hits(store: IndexStore, chunk_ids: list[int]) -> list[Hit]:
     for cid, text, heading, start, end, line_start, line_end, page, root, source, title in rows:
         path = f"{root}/{source}" if root else source
         hits.append(
-            Hit(cid, 0.0, text, source, path, title, heading, start, end, line_start, line_end, page)
+            Hit(
+                cid, 0.0, text, source, path, title, heading, start, end, line_start, line_end, page
+            )
         )
     return hits
-

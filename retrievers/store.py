@@ -188,14 +188,19 @@ class IndexStore:
     # ---- documents -------------------------------------------------------------------------
 
     def document_hashes(self, root: str) -> dict[str, tuple[int, str]]:
-        rows = self.db.execute("SELECT source, id, content_hash FROM documents WHERE root = ?", (root,))
+        rows = self.db.execute(
+            "SELECT source, id, content_hash FROM documents WHERE root = ?", (root,)
+        )
         return {source: (doc_id, content_hash) for source, doc_id, content_hash in rows}
 
     def remove_documents(self, document_ids: Iterable[int]) -> int:
         """Remove documents with their chunks, FTS rows and vectors; returns chunks removed."""
         removed: list[int] = []
         for doc_id in document_ids:
-            ids = [r[0] for r in self.db.execute("SELECT id FROM chunks WHERE document_id = ?", (doc_id,))]
+            ids = [
+                r[0]
+                for r in self.db.execute("SELECT id FROM chunks WHERE document_id = ?", (doc_id,))
+            ]
             self.db.executemany("DELETE FROM chunks_fts WHERE rowid = ?", [(i,) for i in ids])
             self.db.executemany("DELETE FROM vectors WHERE chunk_id = ?", [(i,) for i in ids])
             self.db.execute("DELETE FROM chunks WHERE document_id = ?", (doc_id,))
@@ -205,7 +210,9 @@ class IndexStore:
             self.vectors.remove_ids(np.array(removed, dtype=np.int64))
         return len(removed)
 
-    def add_document(self, document: dict[str, Any], chunks: list[dict[str, Any]], vectors: np.ndarray) -> None:
+    def add_document(
+        self, document: dict[str, Any], chunks: list[dict[str, Any]], vectors: np.ndarray
+    ) -> None:
         """Insert one document, its chunks (with ``id``) and their vectors (same order)."""
         cursor = self.db.execute(
             "INSERT INTO documents (root, source, title, format, content_hash, has_lines, n_chunks,"

@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh dev
+.venv/bin/ruff check .
 .venv/bin/python -m pytest "$@"

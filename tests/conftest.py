@@ -32,7 +32,9 @@ def docs(tmp_path: Path) -> Path:
         "# Installing\n\nRun the setup script to install the toolkit.\n\n"
         "## Requirements\n\nPython 3.10 or newer is required. The aardvark module needs zlib.\n"
     )
-    (folder / "notes.txt").write_text("Release notes.\nThe walrus release fixed indexing of PDFs.\n")
+    (folder / "notes.txt").write_text(
+        "Release notes.\nThe walrus release fixed indexing of PDFs.\n"
+    )
     (folder / "page.html").write_text(
         "<html><head><title>Web page</title><script>var x = 'secret';</script></head>"
         "<body><h1>Web page</h1><p>The pelican feature is documented here.</p></body></html>"

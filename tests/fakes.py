@@ -29,7 +29,9 @@ class HashingEmbedder:
 
     backend = "hashing"
 
-    def __init__(self, name: str = "test/hashing", dim: int = 64, max_tokens: int = 64, delay_s: float = 0.0):
+    def __init__(
+        self, name: str = "test/hashing", dim: int = 64, max_tokens: int = 64, delay_s: float = 0.0
+    ):
         self.name, self.dim, self.max_tokens, self.delay_s = name, dim, max_tokens, delay_s
         self.counter = WordCounter()
         self.embedded: list[str] = []

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from tokenizers import Tokenizer
-
 from agentkit.retrievers.chunking import TokenCounter, chunk_document, markdown_sections
 from agentkit.retrievers.embedding import resolve_model_path
 from agentkit.retrievers.types import LoadedDocument
+from tokenizers import Tokenizer
+
 from agentkit.settings import DEFAULT_EMBEDDING_MODEL
 
 MAX_TOKENS = 256
@@ -26,8 +26,13 @@ def document(text: str, fmt: str = "md", title: str = "A title") -> LoadedDocume
 
 
 LONG_LINE = "supercalifragilistic" * 3000
-CODE = "\n".join(f"    result_{i} = compute_value(alpha={i}, beta=[{i}, {i + 1}], gamma='x')" for i in range(400))
-CJK = "检索增强生成将文档检索与语言模型结合起来。" * 600 + "日本語の文章もここに含まれています。" * 300
+CODE = "\n".join(
+    f"    result_{i} = compute_value(alpha={i}, beta=[{i}, {i + 1}], gamma='x')" for i in range(400)
+)
+CJK = (
+    "检索增强生成将文档检索与语言模型结合起来。" * 600
+    + "日本語の文章もここに含まれています。" * 300
+)
 
 
 @pytest.mark.parametrize(
@@ -41,7 +46,9 @@ CJK = "检索增强生成将文档检索与语言模型结合起来。" * 600 + 
     ],
     ids=["long-line", "code", "cjk", "cjk-markdown", "many-words"],
 )
-def test_every_chunk_fits_the_model_with_its_prefix(tokenizer: Tokenizer, text: str, fmt: str) -> None:
+def test_every_chunk_fits_the_model_with_its_prefix(
+    tokenizer: Tokenizer, text: str, fmt: str
+) -> None:
     doc = document(text, fmt)
     chunks = chunk_document(doc, TokenCounter(tokenizer), max_tokens=MAX_TOKENS, overlap_tokens=32)
     assert len(chunks) > 5
@@ -56,11 +63,19 @@ def test_every_chunk_fits_the_model_with_its_prefix(tokenizer: Tokenizer, text: 
 def test_markdown_chunks_carry_their_heading_path(tokenizer: Tokenizer) -> None:
     text = (
         "# Guide\n\nIntro.\n\n## Install { #install }\n\nRun pip.\n\n"
-        "```bash\n# not a heading\npip install x\n```\n\n### Linux\n\nUse apt.\n\n## Use\n\nCall it.\n"
+        "```bash\n# not a heading\npip install x\n```\n\n"
+        "### Linux\n\nUse apt.\n\n## Use\n\nCall it.\n"
     )
-    chunks = chunk_document(document(text), TokenCounter(tokenizer), max_tokens=64, overlap_tokens=0)
+    chunks = chunk_document(
+        document(text), TokenCounter(tokenizer), max_tokens=64, overlap_tokens=0
+    )
     by_heading = {c.heading: c.text for c in chunks}
-    assert list(by_heading) == ["Guide", "Guide > Install", "Guide > Install > Linux", "Guide > Use"]
+    assert list(by_heading) == [
+        "Guide",
+        "Guide > Install",
+        "Guide > Install > Linux",
+        "Guide > Use",
+    ]
     assert "# not a heading" in by_heading["Guide > Install"]
     assert by_heading["Guide > Use"].startswith("## Use")
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from agentkit.retrievers.embedding import Embedder
 from typer.testing import CliRunner
 
 from agentkit.cli import app
-from agentkit.retrievers.embedding import Embedder
 
 pytestmark = pytest.mark.integration
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample-docs"
@@ -28,7 +28,9 @@ def test_index_then_search_cites_the_file_that_holds_the_answer(tmp_path: Path) 
     assert code == 0, out
     summary = json.loads(out)
     assert summary["added"] == 4 and summary["chunks_total"] >= 4
-    code, out = run("search", "What was the code name of the first release?", "--index", index, "--json")
+    code, out = run(
+        "search", "What was the code name of the first release?", "--index", index, "--json"
+    )
     assert code == 0, out
     hits = json.loads(out)
     assert hits[0]["source"] == "release-notes.txt"
@@ -45,7 +47,9 @@ def test_index_then_search_cites_the_file_that_holds_the_answer(tmp_path: Path) 
         (["search", "x" * 100_000], "100,000 characters"),
     ],
 )
-def test_bad_input_exits_non_zero_with_a_message(tmp_path: Path, args: list[str], message: str) -> None:
+def test_bad_input_exits_non_zero_with_a_message(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
     index = str(tmp_path / "index")
     run("index", str(SAMPLE), "--index", index, "--json")
     code, out = run(*args, "--index", index)

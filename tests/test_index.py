@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from agentkit.retrievers.store import writer_lock
 from fakes import HashingEmbedder
 
 from agentkit import (
@@ -23,7 +24,6 @@ from agentkit import (
     InvalidQueryError,
     index_folder,
 )
-from agentkit.retrievers.store import writer_lock
 from agentkit.settings import Settings
 
 
@@ -35,7 +35,9 @@ def sources(index: Index) -> set[str]:
     return {r[0] for r in index.store.db.execute("SELECT source FROM documents")}
 
 
-def test_folder_is_indexed_with_citable_hits(docs: Path, settings: Settings, embedder: HashingEmbedder) -> None:
+def test_folder_is_indexed_with_citable_hits(
+    docs: Path, settings: Settings, embedder: HashingEmbedder
+) -> None:
     summary = build(docs, settings, embedder)
     assert (summary.added, summary.skipped, summary.documents_total) == (3, 1, 3)
     with Index.open(settings.index, settings=settings, embedder=embedder) as index:
@@ -48,7 +50,9 @@ def test_folder_is_indexed_with_citable_hits(docs: Path, settings: Settings, emb
 
 
 @pytest.mark.parametrize("mode", ["hybrid", "dense", "bm25"])
-def test_every_mode_finds_the_right_file(docs: Path, settings: Settings, embedder: HashingEmbedder, mode: str) -> None:
+def test_every_mode_finds_the_right_file(
+    docs: Path, settings: Settings, embedder: HashingEmbedder, mode: str
+) -> None:
     build(docs, settings, embedder)
     with Index.open(settings.index, settings=settings, embedder=embedder) as index:
         assert index.search("walrus release", k=1, mode=mode)[0].source == "notes.txt"
@@ -75,21 +79,27 @@ def test_reindexing_skips_unchanged_and_replaces_changed_files(
         assert index.search("capybara", k=1)[0].source == "new.md"
 
 
-def test_full_rebuild_reembeds_everything(docs: Path, settings: Settings, embedder: HashingEmbedder) -> None:
+def test_full_rebuild_reembeds_everything(
+    docs: Path, settings: Settings, embedder: HashingEmbedder
+) -> None:
     build(docs, settings, embedder)
     summary = build(docs, settings, embedder, full=True)
     assert (summary.added, summary.unchanged) == (3, 0)
     assert not [p for p in settings.index.parent.iterdir() if ".build-" in p.name]
 
 
-def test_a_second_writer_is_refused(docs: Path, settings: Settings, embedder: HashingEmbedder) -> None:
+def test_a_second_writer_is_refused(
+    docs: Path, settings: Settings, embedder: HashingEmbedder
+) -> None:
     build(docs, settings, embedder)
     with writer_lock(settings.index):
         with pytest.raises(IndexLockedError, match="another process .* is writing"):
             build(docs, settings, embedder)
 
 
-def test_bad_paths_are_clear_errors(tmp_path: Path, settings: Settings, embedder: HashingEmbedder) -> None:
+def test_bad_paths_are_clear_errors(
+    tmp_path: Path, settings: Settings, embedder: HashingEmbedder
+) -> None:
     with pytest.raises(InvalidPathError, match="does not exist"):
         build(tmp_path / "nope", settings, embedder)
     (tmp_path / "file.md").write_text("x")
@@ -116,7 +126,9 @@ def test_bad_queries_are_refused_and_leave_the_index_intact(
         assert index.search("pelican", k=1)[0].source == "page.html"
 
 
-def test_another_format_version_is_refused(docs: Path, settings: Settings, embedder: HashingEmbedder) -> None:
+def test_another_format_version_is_refused(
+    docs: Path, settings: Settings, embedder: HashingEmbedder
+) -> None:
     build(docs, settings, embedder)
     manifest_path = settings.index / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
@@ -127,16 +139,22 @@ def test_another_format_version_is_refused(docs: Path, settings: Settings, embed
     assert json.loads(manifest_path.read_text())["format_version"] == 1
 
 
-def test_another_embedding_model_is_refused(docs: Path, settings: Settings, embedder: HashingEmbedder) -> None:
+def test_another_embedding_model_is_refused(
+    docs: Path, settings: Settings, embedder: HashingEmbedder
+) -> None:
     build(docs, settings, embedder)
     with pytest.raises(EmbeddingModelError, match="built with the embedding model 'test/hashing'"):
         Index.open(settings.index, settings=settings, embedder=HashingEmbedder(name="other/model"))
-    explicit = Settings(index=settings.index, embedding_model="sentence-transformers/all-mpnet-base-v2")
+    explicit = Settings(
+        index=settings.index, embedding_model="sentence-transformers/all-mpnet-base-v2"
+    )
     with pytest.raises(EmbeddingModelError, match="not comparable"):
         Index.open(settings.index, settings=explicit)
 
 
-def test_stale_faiss_file_is_rebuilt_from_sqlite(docs: Path, settings: Settings, embedder: HashingEmbedder) -> None:
+def test_stale_faiss_file_is_rebuilt_from_sqlite(
+    docs: Path, settings: Settings, embedder: HashingEmbedder
+) -> None:
     build(docs, settings, embedder)
     (settings.index / "vectors.faiss").unlink()
     with Index.open(settings.index, settings=settings, embedder=embedder) as index:
@@ -175,8 +193,12 @@ def test_killing_the_indexer_mid_run_leaves_the_previous_index(
     (docs / "notes.txt").write_text("changed\n")
     marker = tmp_path / "embedding-started"
     script = KILL_SCRIPT.format(
-        tests=str(Path(__file__).parent), marker=str(marker), index=str(settings.index),
-        cache=str(settings.cache_dir), docs=str(docs), full=full,
+        tests=str(Path(__file__).parent),
+        marker=str(marker),
+        index=str(settings.index),
+        cache=str(settings.cache_dir),
+        docs=str(docs),
+        full=full,
     )
     process = subprocess.Popen([sys.executable, "-c", script], env={**os.environ})
     deadline = time.monotonic() + 60

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from agentkit.retrievers.loaders import load_file, register_loader, walk_files
 
+
 def minimal_pdf(text: str) -> bytes:
     """A one-page PDF showing ``text``, with a correct cross-reference table."""
     stream = f"BT /F1 18 Tf 20 60 Td ({text}) Tj ET".encode()
@@ -25,7 +26,10 @@ def minimal_pdf(text: str) -> bytes:
     xref = len(out)
     out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
     out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
-    out += b"trailer << /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    out += b"trailer << /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(objects) + 1,
+        xref,
+    )
     return bytes(out)
 
 
