@@ -15,10 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from agentkit.retrievers.embedding import resolve_model_path
 from common import SHARED, write_result
 
 from agentkit import index_folder
+from agentkit.retrievers.embedding import resolve_model_path
 
 
 def langchain_pipeline(folder: Path) -> dict:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from agentkit.retrievers.embedding import resolve_model_path
-from agentkit.retrievers.search import reciprocal_rank_fusion
 from common import SHARED, load_hotpotqa, recall_at, relevant_titles, write_result
 
 from agentkit import Index
+from agentkit.retrievers.embedding import resolve_model_path
+from agentkit.retrievers.search import reciprocal_rank_fusion
 from agentkit.settings import Settings
 
 KS = (2, 5, 10)

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from agentkit.retrievers import search as S
 from common import SHARED, load_hotpotqa, write_result
 
 from agentkit import Index, index_folder
+from agentkit.retrievers import search as S
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -35,7 +35,7 @@ def replicate(index: Index, target: int) -> None:
         "SELECT c.*, v.embedding, d.title FROM chunks c JOIN vectors v ON v.chunk_id = c.id"
         " JOIN documents d ON d.id = c.document_id"
     ).fetchall()
-    next_id, copies = 1 << 40, 0
+    next_id = 1 << 40
     db.execute("BEGIN")
     while index.store.counts()[1] < target:
         batch_ids, batch_vectors = [], []
@@ -53,7 +53,6 @@ def replicate(index: Index, target: int) -> None:
         index.store.vectors.add_with_ids(
             np.stack(batch_vectors), np.array(batch_ids, dtype=np.int64)
         )
-        copies += 1
     db.execute("COMMIT")
 
 

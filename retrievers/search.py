@@ -102,23 +102,23 @@ def hybrid_fusion(
     candidates = list(dict.fromkeys(dense + bm25))
     if not candidates:
         return []
-    marks = ",".join("?" * len(candidates))
     rows = store.db.execute(
-        f"SELECT c.id, d.title, c.text FROM chunks c JOIN documents d ON d.id = c.document_id"
-        f" WHERE c.id IN ({marks})",
+        "SELECT c.id, d.title FROM chunks c JOIN documents d ON d.id = c.document_id"
+        f" WHERE c.id IN ({','.join('?' * len(candidates))})",
         candidates,
     )
-    title_of, text_of = {}, {}
-    for chunk_id, title, text in rows:
-        title_of[chunk_id] = normalized(re.sub(r"\s*\([^)]*\)\s*$", "", title))  # "X (film)" -> X
-        text_of[chunk_id] = text
+    # "X (film)" is named as X
+    title_of = {cid: normalized(re.sub(r"\s*\([^)]*\)\s*$", "", title)) for cid, title in rows}
     candidates = [c for c in candidates if c in title_of and title_of[c].strip()]
     wanted = normalized(query)
     named = [c for c in candidates if title_of[c] in wanted]
     weights = [DENSE_WEIGHT, BM25_WEIGHT, NAMED_WEIGHT]
     first = reciprocal_rank_fusion([dense, bm25, named], weights)
-    top = [c for c, _ in first[:LINK_FROM_TOP] if c in text_of]
-    context = "".join(normalized(text_of[c]) for c in top)
+    top = [c for c, _ in first[:LINK_FROM_TOP] if c in title_of]
+    texts = store.db.execute(
+        f"SELECT text FROM chunks WHERE id IN ({','.join('?' * len(top))})", top
+    )
+    context = "".join(normalized(text) for (text,) in texts)
     linked = [c for c in candidates if c not in top and title_of[c] in context]
     return reciprocal_rank_fusion([dense, bm25, named, linked], [*weights, LINKED_WEIGHT])
 
@@ -140,9 +140,9 @@ def search(
     dense = dense_ranking(store, embedder, query, n) if mode in ("hybrid", "dense") else []
     bm25 = bm25_ranking(store, query, n) if mode in ("hybrid", "bm25") else []
     if mode == "dense":
-        fused = [(i, 1.0 / (RRF_K + r)) for r, i in enumerate(dense, 1)]
+        fused = reciprocal_rank_fusion([dense], [1.0])
     elif mode == "bm25":
-        fused = [(i, 1.0 / (RRF_K + r)) for r, i in enumerate(bm25, 1)]
+        fused = reciprocal_rank_fusion([bm25], [1.0])
     elif mode == "hybrid":
         fused = hybrid_fusion(store, query, dense, bm25)
     else:

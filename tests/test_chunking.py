@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from tokenizers import Tokenizer
+
 from agentkit.retrievers.chunking import TokenCounter, chunk_document, markdown_sections
 from agentkit.retrievers.embedding import resolve_model_path
 from agentkit.retrievers.types import LoadedDocument
-from tokenizers import Tokenizer
-
 from agentkit.settings import DEFAULT_EMBEDDING_MODEL
 
 MAX_TOKENS = 256

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from agentkit.retrievers.embedding import Embedder
 from typer.testing import CliRunner
 
 from agentkit.cli import app
+from agentkit.retrievers.embedding import Embedder
 
 pytestmark = pytest.mark.integration
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample-docs"

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from agentkit.retrievers.store import writer_lock
 from fakes import HashingEmbedder
 
 from agentkit import (
@@ -24,6 +23,7 @@ from agentkit import (
     InvalidQueryError,
     index_folder,
 )
+from agentkit.retrievers.store import writer_lock
 from agentkit.settings import Settings
 
 
@@ -213,3 +213,27 @@ def test_killing_the_indexer_mid_run_leaves_the_previous_index(
         assert index.search("walrus release", k=1)[0].source == "notes.txt"
     summary = build(docs, settings, embedder)  # the lock died with the process
     assert summary.added == 20
+
+
+def test_hybrid_ranks_titles_the_query_names_and_the_top_hits_mention(
+    tmp_path: Path, settings: Settings, embedder: HashingEmbedder
+) -> None:
+    from agentkit.retrievers.types import LoadedDocument
+
+    def doc(title: str, text: str) -> LoadedDocument:
+        return LoadedDocument(source=title, text=text, title=title, format="txt", content_hash=text)
+
+    # 30 documents that share no word with the question: only the entity signals separate them
+    filler = [doc(f"Pottery {i}", f"Glaze recipe number {i}, fired twice.") for i in range(30)]
+    corpus = [
+        doc("Quillon Abbey (film)", "Quillon Abbey is a film directed by Maro Vettel."),
+        doc("Maro Vettel", "An engineer of rivers."),  # shares no word with the question
+        *filler,
+    ]
+    with Index.create(settings.index, settings=settings, embedder=embedder) as index:
+        index.add_documents(corpus)
+        question = "Where was the director of Quillon Abbey born?"
+        bm25 = [h.title for h in index.search(question, k=5, mode="bm25")]
+        hybrid = [h.title for h in index.search(question, k=2)]
+    assert "Maro Vettel" not in bm25
+    assert hybrid == ["Quillon Abbey (film)", "Maro Vettel"]
