@@ -121,9 +121,7 @@ def search_command(
         console.print("no hits")
     for rank, hit in enumerate(hits, 1):
         where = f" · {hit.heading}" if hit.heading else ""
-        location = hit.location
-        if location.startswith(str(Path.cwd()) + "/"):
-            location = location[len(str(Path.cwd())) + 1 :]
+        location = relative(hit.location)
         console.print(
             f"[bold]{rank}. {location}[/]{where}  [dim]{hit.score:.4f}[/]", highlight=False
         )
@@ -138,6 +136,126 @@ def stats_command(index: IndexOption = None) -> None:
 
     with reported_errors(), Index.open(index) as opened:
         print_json(opened.stats())
+
+
+def relative(location: str) -> str:
+    cwd = str(Path.cwd()) + "/"
+    return location[len(cwd) :] if location.startswith(cwd) else location
+
+
+LlmUrlOption = Annotated[
+    str | None,
+    typer.Option("--llm-url", help="Model server URL(s), comma-separated (AGENTKIT_LLM_URL)."),
+]
+
+
+@app.command("ask")
+def ask_command(
+    question: Annotated[str, typer.Argument(help="The question.")],
+    index: IndexOption = None,
+    llm_url: LlmUrlOption = None,
+    k: Annotated[int | None, typer.Option("-k", "--k", min=1, max=50, help="Sources.")] = None,
+    stream: Annotated[bool, typer.Option("--stream", help="Print the answer as it comes.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Answer a question from the indexed documents, citing them as [n] path:line."""
+    from agentkit.llm import connect
+    from agentkit.rag import RAG, Answer
+    from agentkit.retrievers import Index
+
+    with reported_errors():
+        settings = get_settings(llm_url=llm_url)
+        with Index.open(index, settings=settings) as opened, connect(settings) as model:
+            rag = RAG(opened, model, k=k or settings.rag_k, max_tokens=settings.rag_max_tokens,
+                      min_similarity=settings.rag_min_similarity)
+            if stream and not as_json:
+                answer = None
+                for item in rag.stream(question):
+                    if isinstance(item, Answer):
+                        answer = item
+                    else:
+                        sys.stdout.write(item)
+                        sys.stdout.flush()
+                sys.stdout.write("\n")
+                assert answer is not None
+            else:
+                answer = rag.ask(question)
+    if as_json:
+        print_json(answer.to_dict())
+        return
+    if not stream:
+        console.print(answer.text, highlight=False, markup=False)
+    if answer.citations:
+        console.print("\n[bold]Sources[/]")
+        for citation in answer.citations:
+            console.print(f"  [{citation.number}] {relative(citation.hit.location)}",
+                          highlight=False, markup=False)
+    for number in answer.invalid_citations:
+        errors.print(f"[yellow]warning:[/] removed citation [{number}]: no such source",
+                     highlight=False)
+    if answer.dropped_sources:
+        errors.print(f"[yellow]warning:[/] {len(answer.dropped_sources)} sources did not fit the "
+                     "model's context and were left out", highlight=False)
+
+
+model_app = typer.Typer(help="Prepare and serve the model (vLLM).", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("prepare")
+def model_prepare_command(
+    name: Annotated[str | None, typer.Argument(help="Embedded model; default: the CPU one.")] = None,
+) -> None:
+    """Assemble, verify (sha256) and convert the embedded model for vLLM; cached, idempotent."""
+    from agentkit.services.model_prepare import prepare_model
+
+    with reported_errors():
+        folder = prepare_model(get_settings().cache_dir, name,
+                               report=lambda m: errors.print(m, highlight=False))
+    console.print(str(folder), highlight=False)
+
+
+@model_app.command("serve")
+def model_serve_command(
+    model: Annotated[str | None, typer.Option(help="HF name or folder; default: embedded.")] = None,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="Default: AGENTKIT_MODEL_PORT or 8000.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    tensor_parallel_size: Annotated[int, typer.Option(min=1)] = 1,
+    max_model_len: Annotated[int | None, typer.Option(min=256)] = None,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(min=0.05, max=1.0)] = None,
+    quantization: Annotated[str | None, typer.Option(help="e.g. awq, gptq, fp8.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Default: float32 on CPU, auto on GPU.")] = None,
+    max_restarts: Annotated[int, typer.Option(min=0)] = 3,
+) -> None:
+    """Start vLLM's OpenAI-compatible server, wait until healthy, supervise it until Ctrl-C."""
+    import signal as signals
+
+    from agentkit.services.model_server import ModelServer, ServeOptions
+
+    if device not in ("auto", "cpu", "cuda"):
+        errors.print(f"[bold red]error:[/] --device must be auto, cpu or cuda, not {device!r}")
+        raise typer.Exit(2)
+    with reported_errors():
+        settings = get_settings()
+        options = ServeOptions(
+            model=model, host=host, port=port or settings.model_port, device=device,  # type: ignore[arg-type]
+            tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization, quantization=quantization,
+            dtype=dtype, max_restarts=max_restarts,
+        )
+        server = ModelServer(options, settings.cache_dir)
+        signals.signal(signals.SIGTERM, lambda *_: server.stop())
+        errors.print(f"starting the model server; log: {server.log_file}", highlight=False)
+        try:
+            url = server.start(report=lambda m: errors.print(m, highlight=False))
+            console.print(f"model server ready at {url} (model {server.served_name}); "
+                          f"use it with AGENTKIT_LLM_URL={url}", highlight=False)
+            server.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.stop()
 
 
 def main() -> None:

@@ -33,3 +33,27 @@ class EmbeddingModelError(AgentkitError):
 
 class InvalidQueryError(AgentkitError):
     """A search query is empty or too long."""
+
+
+class ModelPrepareError(AgentkitError):
+    """The embedded model cannot be assembled, verified or converted."""
+
+
+class ModelServerError(AgentkitError):
+    """The model server cannot be started, reached or used."""
+
+
+class LLMError(AgentkitError):
+    """A request to the model server failed in a way retries cannot fix."""
+
+
+class ContextBudgetError(AgentkitError):
+    """The prompt cannot fit the served model's context even with every source dropped."""
+
+
+class SandboxError(AgentkitError):
+    """The sandbox itself failed (not the program inside it)."""
+
+
+class ToolError(AgentkitError):
+    """A tool is misdefined or was called with invalid arguments."""

@@ -42,6 +42,21 @@ class Settings(BaseSettings):
     )
     chunk_overlap_tokens: int = Field(32, ge=0)
     max_query_chars: int = Field(4096, ge=16, description="Longer search queries are refused.")
+    llm_url: str | None = Field(
+        None,
+        description="OpenAI-compatible model server(s); a comma-separated list spreads requests "
+        "over replicas. Unset: http://127.0.0.1:<model_port>.",
+    )
+    llm_api_key: str | None = Field(None, description="Bearer key for the model server.")
+    llm_model: str | None = Field(None, description="Served model name; unset: the first listed.")
+    llm_timeout_s: float = Field(300.0, gt=0, description="Per-request read timeout.")
+    llm_max_retries: int = Field(3, ge=0, description="Retries on connection errors, 429, 5xx.")
+    model_port: int = Field(8000, ge=1, le=65535, description="Port of `agentkit model serve`.")
+    rag_k: int = Field(5, ge=1, le=50, description="Sources retrieved per question.")
+    rag_max_tokens: int = Field(384, ge=16, description="Longest answer, in model tokens.")
+    rag_min_similarity: float = Field(
+        0.2, description="Sources below this cosine similarity to the question are not relevant."
+    )
     cache_dir: Path = Field(
         Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "agentkit",
         description="Where converted models (ONNX, safetensors) are cached.",
@@ -58,6 +73,13 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml_file = Path(os.environ.get("AGENTKIT_CONFIG", "agentkit.toml"))
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file))
+
+
+    def llm_urls(self) -> list[str]:
+        """The model server URLs: ``llm_url`` split on commas, else the local default port."""
+        if self.llm_url:
+            return [u.strip() for u in self.llm_url.split(",") if u.strip()]
+        return [f"http://127.0.0.1:{self.model_port}"]
 
 
 def get_settings(**overrides: object) -> Settings:

@@ -58,12 +58,20 @@ def fts_query(query: str) -> str | None:
     return " OR ".join(f'"{t}"' for t in terms[:MAX_FTS_TERMS])
 
 
-def dense_ranking(store: IndexStore, embedder: Embedder, query: str, n: int) -> list[int]:
+def dense_search(
+    store: IndexStore, embedder: Embedder, query: str, n: int
+) -> tuple[list[int], dict[int, float]]:
+    """The ``n`` nearest chunk ids, and the cosine similarity of each to the query."""
     if store.vectors.ntotal == 0:
-        return []
+        return [], {}
     vector = embedder.embed([query])
-    _, ids = store.vectors.search(vector, min(n, store.vectors.ntotal))
-    return [int(i) for i in ids[0] if i >= 0]
+    sims, ids = store.vectors.search(vector, min(n, store.vectors.ntotal))
+    pairs = [(int(i), float(s)) for i, s in zip(ids[0], sims[0]) if i >= 0]
+    return [i for i, _ in pairs], dict(pairs)
+
+
+def dense_ranking(store: IndexStore, embedder: Embedder, query: str, n: int) -> list[int]:
+    return dense_search(store, embedder, query, n)[0]
 
 
 def bm25_ranking(store: IndexStore, query: str, n: int) -> list[int]:
@@ -137,7 +145,9 @@ def search(
     if k < 1:
         raise InvalidQueryError(f"k must be at least 1, got {k}")
     n = max(50, 4 * k)
-    dense = dense_ranking(store, embedder, query, n) if mode in ("hybrid", "dense") else []
+    dense, similarity = (
+        dense_search(store, embedder, query, n) if mode in ("hybrid", "dense") else ([], {})
+    )
     bm25 = bm25_ranking(store, query, n) if mode in ("hybrid", "bm25") else []
     if mode == "dense":
         fused = reciprocal_rank_fusion([dense], [1.0])
@@ -155,6 +165,7 @@ def search(
     for hit in ranked:
         hit.score = round(scores[hit.chunk_id], 6)
         hit.dense_rank, hit.bm25_rank = dense_rank.get(hit.chunk_id), bm25_rank.get(hit.chunk_id)
+        hit.similarity = similarity.get(hit.chunk_id)
     return ranked
 
 

