@@ -204,7 +204,7 @@ app.add_typer(model_app, name="model")
 
 @model_app.command("prepare")
 def model_prepare_command(
-    name: Annotated[str | None, typer.Argument(help="Embedded model; default: the CPU one.")] = None,
+    name: Annotated[str | None, typer.Argument(help="Embedded model (default: CPU one).")] = None,
 ) -> None:
     """Assemble, verify (sha256) and convert the embedded model for vLLM; cached, idempotent."""
     from agentkit.services.model_prepare import prepare_model

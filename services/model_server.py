@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -26,6 +27,7 @@ from agentkit.errors import ModelServerError
 from agentkit.services.model_prepare import DEFAULT_MODEL, prepare_model
 
 Device = Literal["auto", "cpu", "cuda"]
+Report = Callable[[str], None]
 
 
 @dataclass
@@ -133,25 +135,30 @@ class ModelServer:
         )
         self.log_file = options.log_file or self.cache_dir / "logs" / f"vllm-{options.port}.log"
         self.restarts = 0
+        self.served_name = ""
+        self.local_model = False
+        self.command: list[str] = []
         self.failure: str | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
         self._finished = threading.Event()
         self._watcher: threading.Thread | None = None
 
-    def model_and_name(self, report: object = None) -> tuple[str, str]:
+    def model_and_name(self, report: Report | None = None) -> tuple[str, str]:
         if self.options.model:
             name = self.options.model.rstrip("/")
-            return self.options.model, Path(name).name if Path(name).exists() else name
+            self.local_model = Path(name).exists()
+            return self.options.model, Path(name).name if self.local_model else name
         if self.device == "cuda":
             raise ModelServerError(
                 "on a GPU name the model to serve, e.g. --model Qwen/Qwen2.5-7B-Instruct "
                 "(the embedded default is for the CPU)"
             )
-        folder = prepare_model(self.cache_dir, report=report if callable(report) else print)
+        folder = prepare_model(self.cache_dir, report=report or print)
+        self.local_model = True
         return str(folder), DEFAULT_MODEL.name
 
-    def start(self, report: object = None) -> str:
+    def start(self, report: Report | None = None) -> str:
         """Start the server and wait until ``/health`` answers; returns its base URL."""
         if port_in_use(self.options.host, self.options.port):
             raise ModelServerError(
@@ -159,9 +166,12 @@ class ModelServer:
                 f"choose another with --port, or use it with AGENTKIT_LLM_URL={self.url}"
             )
         check_vllm_installed(self.device)
-        model, served_name = self.model_and_name(report)
-        self.command = build_command(self.options, model, served_name, self.device)
-        self.served_name = served_name
+        model, self.served_name = self.model_and_name(report)
+        return self.launch(build_command(self.options, model, self.served_name, self.device))
+
+    def launch(self, command: list[str]) -> str:
+        """Run ``command`` as the supervised server: wait for ``/health``, then watch it."""
+        self.command = command
         self._spawn()
         self._wait_healthy()
         self._watcher = threading.Thread(target=self._watch, name="vllm-watcher", daemon=True)
@@ -177,7 +187,7 @@ class ModelServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=build_env(self.options, self.device, Path(self.command[4]).exists()),
+                env=build_env(self.options, self.device, self.local_model),
                 start_new_session=True,
             )
 

