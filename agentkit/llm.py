@@ -154,11 +154,14 @@ class OpenAIChatModel:
         timeout_s: float = 300.0,
         max_retries: int = 3,
         backoff_s: float = 0.5,
+        extra_body: Mapping[str, Any] | None = None,
     ) -> None:
+        """``extra_body`` is merged into every completion request (e.g. vLLM's ``top_k``)."""
         self.urls = [normalize_url(u) for u in ([urls] if isinstance(urls, str) else urls)]
         if not self.urls or not all(self.urls):
             raise LLMError(f"no model server URL given: {START_HINT}")
         self.api_key = api_key
+        self.extra_body = dict(extra_body or {})
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.timeout = httpx.Timeout(timeout_s, connect=min(10.0, timeout_s))
@@ -218,7 +221,9 @@ class OpenAIChatModel:
         structured: Structured | None,
         stream: bool,
     ) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.model, "messages": list(messages), "n": n}
+        body: dict[str, Any] = {**self.extra_body, "model": self.model, "messages": list(messages)}
+        if n != 1:
+            body["n"] = n
         if stop:
             body["stop"] = list(stop)
         if max_tokens is not None:
