@@ -1,0 +1,131 @@
+"""The 37 published sandbox attacks in ../shared/security: none may show any effect.
+
+Each attack runs twice: with every layer, and with the Python-level layers (AST pre-check,
+trimmed builtins, import guard) switched off, so the OS-level confinement alone must hold. The harness follows ../shared/security/README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import SHARED
+
+from agentkit.tools.sandbox import Sandbox
+
+ATTACKS = sorted((SHARED / "security" / "attacks").glob("*.py"))
+MARKER = Path("/tmp/agentkit-attack-marker")
+SECRET_FILE = Path("/tmp/agentkit-attack-secret.txt")
+TIMEOUT_S = 1.5
+MARGIN_S = 2.0
+OUTPUT_CAP = 10_000
+
+
+class Listener:
+    """Listens on 127.0.0.1:47123 and records every connection that arrives."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 47123))
+        self.sock.listen()
+        self.sock.settimeout(0.1)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+                self.connections += 1
+                conn.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def harness():
+    secret_file_value = secrets.token_hex(16)
+    secret_env_value = secrets.token_hex(16)
+    SECRET_FILE.write_text(secret_file_value)
+    old_env = os.environ.get("AGENTKIT_ATTACK_SECRET")
+    os.environ["AGENTKIT_ATTACK_SECRET"] = secret_env_value
+    listener = Listener()
+    boxes = {
+        mode: Sandbox(
+            timeout_s=TIMEOUT_S,
+            memory_mb=128,
+            max_output_chars=OUTPUT_CAP,
+            precheck=mode == "precheck",
+            python_guards=mode == "precheck",
+        )
+        for mode in ("precheck", "os-only")
+    }
+    for box in boxes.values():
+        box.start()
+    yield boxes, (secret_file_value, secret_env_value), listener
+    for box in boxes.values():
+        box.close()
+    listener.close()
+    SECRET_FILE.unlink(missing_ok=True)
+    if old_env is None:
+        os.environ.pop("AGENTKIT_ATTACK_SECRET", None)
+    else:
+        os.environ["AGENTKIT_ATTACK_SECRET"] = old_env
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def test_the_attack_corpus_is_there() -> None:
+    assert len(ATTACKS) == 37
+
+
+@pytest.mark.parametrize("mode", ["precheck", "os-only"])
+@pytest.mark.parametrize("attack", ATTACKS, ids=lambda p: p.stem)
+def test_attack_has_no_effect(attack: Path, mode: str, harness) -> None:
+    boxes, leaked_values, listener = harness
+    box: Sandbox = boxes[mode]
+    MARKER.unlink(missing_ok=True)
+    before = listener.connections
+    started = time.monotonic()
+    result = box.run(attack.read_text())
+    elapsed = time.monotonic() - started
+    time.sleep(0.05)  # let any escaped side effect land before we look
+    assert not MARKER.exists(), f"{attack.name} left the marker file: {result}"
+    shown = json.dumps(result.to_dict())
+    for value in leaked_values:
+        assert value not in shown, f"{attack.name} leaked a secret: {shown[:300]}"
+    assert listener.connections == before, f"{attack.name} reached the network"
+    assert elapsed <= TIMEOUT_S + MARGIN_S, f"{attack.name} took {elapsed:.1f} s"
+    assert len(result.stdout) <= OUTPUT_CAP and len(shown) < OUTPUT_CAP + 5_000
+    if "/etc/passwd" in attack.read_text():
+        assert "root:" not in shown
+    worker = box._process
+    assert worker is not None and worker.poll() is None, "the worker died"
+    assert children_of(worker.pid) == [], "a child outlived its run"
+    after = box.run("def solution():\n    return 6 * 7")  # the host keeps serving
+    assert after.ok and after.value == 42
