@@ -21,7 +21,7 @@ app = typer.Typer(
     help="agentkit: RAG, PAL and ReAct agents on a self-hosted model.", no_args_is_help=True
 )
 console = Console()
-errors = Console(stderr=True)
+errors = Console(stderr=True, soft_wrap=True)
 
 IndexOption = Annotated[
     Path | None,
@@ -256,6 +256,33 @@ def model_serve_command(
             pass
         finally:
             server.stop()
+
+
+sandbox_app = typer.Typer(help="Run Python in the sandbox PAL uses.", no_args_is_help=True)
+app.add_typer(sandbox_app, name="sandbox")
+
+
+@sandbox_app.command("run")
+def sandbox_run_command(
+    file: Annotated[Path, typer.Argument(help="A Python file that defines the entry function.")],
+    entry: Annotated[str, typer.Option(help="Function to call.")] = "solution",
+    timeout: Annotated[float, typer.Option(min=0.01, help="Wall-clock seconds.")] = 5.0,
+    memory: Annotated[int, typer.Option(min=16, help="Memory limit in MB.")] = 256,
+    allow_import: Annotated[
+        list[str] | None, typer.Option(help="Allow another module (repeatable), e.g. numpy.")
+    ] = None,
+) -> None:
+    """Run FILE's entry function in the sandbox and print the result as JSON (exit 0 if it ran)."""
+    from agentkit.errors import InvalidPathError
+    from agentkit.tools.sandbox import DEFAULT_IMPORTS, Sandbox
+
+    with reported_errors():
+        if not file.is_file():
+            raise InvalidPathError(f"{file} is not a file")
+        code = file.read_text(encoding="utf-8", errors="replace")
+        with Sandbox(allowed_imports=DEFAULT_IMPORTS | set(allow_import or ())) as sandbox:
+            result = sandbox.run(code, entry=entry, timeout_s=timeout, memory_mb=memory)
+    print_json(result.to_dict())
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """The 37 published sandbox attacks in ../shared/security: none may show any effect.
 
 Each attack runs twice: with every layer, and with the Python-level layers (AST pre-check,
-trimmed builtins, import guard) switched off, so the OS-level confinement alone must hold. The harness follows ../shared/security/README.md.
+trimmed builtins, import guard) switched off, so the OS-level confinement alone must hold.
+The harness follows ../shared/security/README.md.
 """
 
 from __future__ import annotations

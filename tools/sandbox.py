@@ -213,7 +213,7 @@ class Sandbox:
         memory_mb: int | None = None,
         allowed_imports: Iterable[str] | None = None,
     ) -> SandboxResult:
-        """Run ``code`` and call ``entry()``; always returns a result, never raises for the program."""
+        """Run ``code``, call ``entry()``; a result always, never an exception for the program."""
         timeout_s = float(timeout_s if timeout_s is not None else self.limits.timeout_s)
         memory_mb = int(memory_mb if memory_mb is not None else self.limits.memory_mb)
         allowed = frozenset(
