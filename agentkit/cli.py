@@ -285,6 +285,64 @@ def sandbox_run_command(
     print_json(result.to_dict())
 
 
+@app.command("pal")
+def pal_command(
+    question: Annotated[str, typer.Argument(help="A question a short program can answer.")],
+    llm_url: LlmUrlOption = None,
+    samples: Annotated[int, typer.Option(min=1, max=40, help="Self-consistency votes.")] = 1,
+    explain: Annotated[bool, typer.Option(help="State the answer in words.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Answer by having the model write a program and running it in the sandbox."""
+    from agentkit.llm import connect
+    from agentkit.pal import PAL
+
+    with reported_errors():
+        with connect(get_settings(llm_url=llm_url)) as model:
+            answer = PAL(model, samples=samples, explain=explain).solve(question)
+    if as_json:
+        print_json(answer.to_dict())
+        return
+    if answer.program:
+        console.print(answer.program, highlight=False, markup=False)
+    if answer.ok:
+        console.print(f"\n[bold]{answer.text}[/]", highlight=False)
+    else:
+        errors.print(f"[bold red]no answer:[/] {answer.result.error}", highlight=False)
+        raise typer.Exit(1)
+
+
+eval_app = typer.Typer(help="Evaluate agents on public benchmarks.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("gsm8k")
+def eval_gsm8k_command(
+    data: Annotated[Path, typer.Option(help="GSM8K JSONL (question, answer with ####).")],
+    limit: Annotated[int | None, typer.Option(min=1)] = None,
+    mode: Annotated[str, typer.Option(help="pal or cot.")] = "pal",
+    samples: Annotated[int, typer.Option(min=1, max=40)] = 1,
+    llm_url: LlmUrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Accuracy against the number after ####, execution errors, timeouts, latency."""
+    from agentkit.evaluation import eval_gsm8k
+    from agentkit.llm import connect
+
+    if mode not in ("pal", "cot"):
+        errors.print(f"[bold red]error:[/] --mode must be pal or cot, not {mode!r}")
+        raise typer.Exit(2)
+    with reported_errors(), connect(get_settings(llm_url=llm_url)) as model:
+        report = eval_gsm8k(model, data, limit=limit, mode=mode, samples=samples,
+                            progress=None if as_json else lambda i, n: errors.print(
+                                f"{i}/{n}", end="\r", highlight=False))
+    if as_json:
+        print_json(report)
+        return
+    summary = {k: v for k, v in report.items() if k != "records"}
+    console.print(summary, highlight=False)
+
+
 def main() -> None:
     app()
 
