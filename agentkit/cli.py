@@ -166,8 +166,13 @@ def ask_command(
     with reported_errors():
         settings = get_settings(llm_url=llm_url)
         with Index.open(index, settings=settings) as opened, connect(settings) as model:
-            rag = RAG(opened, model, k=k or settings.rag_k, max_tokens=settings.rag_max_tokens,
-                      min_similarity=settings.rag_min_similarity)
+            rag = RAG(
+                opened,
+                model,
+                k=k or settings.rag_k,
+                max_tokens=settings.rag_max_tokens,
+                min_similarity=settings.rag_min_similarity,
+            )
             if stream and not as_json:
                 answer = None
                 for item in rag.stream(question):
@@ -188,14 +193,21 @@ def ask_command(
     if answer.citations:
         console.print("\n[bold]Sources[/]")
         for citation in answer.citations:
-            console.print(f"  [{citation.number}] {relative(citation.hit.location)}",
-                          highlight=False, markup=False)
+            console.print(
+                f"  [{citation.number}] {relative(citation.hit.location)}",
+                highlight=False,
+                markup=False,
+            )
     for number in answer.invalid_citations:
-        errors.print(f"[yellow]warning:[/] removed citation [{number}]: no such source",
-                     highlight=False)
+        errors.print(
+            f"[yellow]warning:[/] removed citation [{number}]: no such source", highlight=False
+        )
     if answer.dropped_sources:
-        errors.print(f"[yellow]warning:[/] {len(answer.dropped_sources)} sources did not fit the "
-                     "model's context and were left out", highlight=False)
+        errors.print(
+            f"[yellow]warning:[/] {len(answer.dropped_sources)} sources did not fit the "
+            "model's context and were left out",
+            highlight=False,
+        )
 
 
 model_app = typer.Typer(help="Prepare and serve the model (vLLM).", no_args_is_help=True)
@@ -210,8 +222,9 @@ def model_prepare_command(
     from agentkit.services.model_prepare import prepare_model
 
     with reported_errors():
-        folder = prepare_model(get_settings().cache_dir, name,
-                               report=lambda m: errors.print(m, highlight=False))
+        folder = prepare_model(
+            get_settings().cache_dir, name, report=lambda m: errors.print(m, highlight=False)
+        )
     console.print(str(folder), highlight=False)
 
 
@@ -239,18 +252,27 @@ def model_serve_command(
     with reported_errors():
         settings = get_settings()
         options = ServeOptions(
-            model=model, host=host, port=port or settings.model_port, device=device,  # type: ignore[arg-type]
-            tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization, quantization=quantization,
-            dtype=dtype, max_restarts=max_restarts,
+            model=model,
+            host=host,
+            port=port or settings.model_port,
+            device=device,  # type: ignore[arg-type]
+            tensor_parallel_size=tensor_parallel_size,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            quantization=quantization,
+            dtype=dtype,
+            max_restarts=max_restarts,
         )
         server = ModelServer(options, settings.cache_dir)
         signals.signal(signals.SIGTERM, lambda *_: server.stop())
         errors.print(f"starting the model server; log: {server.log_file}", highlight=False)
         try:
             url = server.start(report=lambda m: errors.print(m, highlight=False))
-            console.print(f"model server ready at {url} (model {server.served_name}); "
-                          f"use it with AGENTKIT_LLM_URL={url}", highlight=False)
+            console.print(
+                f"model server ready at {url} (model {server.served_name}); "
+                f"use it with AGENTKIT_LLM_URL={url}",
+                highlight=False,
+            )
             server.wait()
         except KeyboardInterrupt:
             pass
@@ -333,14 +355,95 @@ def eval_gsm8k_command(
         errors.print(f"[bold red]error:[/] --mode must be pal or cot, not {mode!r}")
         raise typer.Exit(2)
     with reported_errors(), connect(get_settings(llm_url=llm_url)) as model:
-        report = eval_gsm8k(model, data, limit=limit, mode=mode, samples=samples,
-                            progress=None if as_json else lambda i, n: errors.print(
-                                f"{i}/{n}", end="\r", highlight=False))
+        report = eval_gsm8k(
+            model,
+            data,
+            limit=limit,
+            mode=mode,
+            samples=samples,
+            progress=None
+            if as_json
+            else lambda i, n: errors.print(f"{i}/{n}", end="\r", highlight=False),
+        )
     if as_json:
         print_json(report)
         return
     summary = {k: v for k, v in report.items() if k != "records"}
     console.print(summary, highlight=False)
+
+
+@eval_app.command("hotpotqa")
+def eval_hotpotqa_command(
+    data: Annotated[Path, typer.Option(help="HotpotQA JSONL (question, answer, context).")],
+    limit: Annotated[int | None, typer.Option(min=1)] = None,
+    mode: Annotated[str, typer.Option(help="react, rag or cot.")] = "react",
+    index: Annotated[
+        Path | None, typer.Option(help="Where to build the paragraphs' index.")
+    ] = None,
+    no_structured: Annotated[bool, typer.Option(help="Parse steps without a regex.")] = False,
+    max_steps: Annotated[int, typer.Option(min=1, max=50)] = 8,
+    llm_url: LlmUrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Exact match and F1 of ReAct, RAG or CoT; steps, parse failures, fallbacks, latency."""
+    from agentkit.evaluation import eval_hotpotqa
+    from agentkit.llm import connect
+
+    if mode not in ("react", "rag", "cot"):
+        errors.print(f"[bold red]error:[/] --mode must be react, rag or cot, not {mode!r}")
+        raise typer.Exit(2)
+    index_path = index or Path(".agentkit") / f"hotpotqa-{data.stem}"
+    with reported_errors(), connect(get_settings(llm_url=llm_url)) as model:
+        report = eval_hotpotqa(
+            model,
+            data,
+            index_path,
+            limit=limit,
+            mode=mode,
+            structured=not no_structured,
+            max_steps=max_steps,
+        )
+    if as_json:
+        print_json(report)
+        return
+    console.print({k: v for k, v in report.items() if k != "records"}, highlight=False)
+
+
+@app.command("react")
+def react_command(
+    question: Annotated[str, typer.Argument(help="The question.")],
+    index: IndexOption = None,
+    llm_url: LlmUrlOption = None,
+    max_steps: Annotated[int, typer.Option(min=1, max=50)] = 8,
+    no_structured: Annotated[bool, typer.Option(help="Parse steps without a regex.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Answer with a ReAct agent (search / lookup / finish over the index), showing each step."""
+    from agentkit.llm import connect
+    from agentkit.react import ReAct, Step
+    from agentkit.retrievers import Index
+
+    def show(step: Step) -> None:
+        if not as_json:
+            console.print(
+                f"[dim]Thought:[/] {step.thought}\n[bold]Action:[/] {step.action}"
+                f"[{step.argument}]\n[dim]Observation:[/] {step.observation[:300]}\n",
+                highlight=False,
+            )
+
+    with reported_errors():
+        settings = get_settings(llm_url=llm_url)
+        with Index.open(index, settings=settings) as opened, connect(settings) as model:
+            result = ReAct(
+                model, index=opened, max_steps=max_steps, structured=not no_structured, on_step=show
+            ).run(question)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    console.print(
+        f"[bold]Answer:[/] {result.answer}" + (" (fallback: RAG)" if result.fallback else ""),
+        highlight=False,
+    )
 
 
 def main() -> None:

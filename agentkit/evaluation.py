@@ -6,6 +6,7 @@ import json
 import re
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -103,5 +104,132 @@ def eval_gsm8k(
         "timeouts": sum(r["error_type"] == "timeout" for r in errors),
         "repaired": sum(bool(r.get("repaired")) for r in records),
         "mean_latency_s": statistics.fmean(r["latency_s"] for r in records) if n else 0.0,
+        "records": records,
+    }
+
+
+# --- HotpotQA ------------------------------------------------------------------------------
+
+
+def load_hotpotqa(path: Path, limit: int | None = None) -> tuple[list[dict[str, Any]], list[Any]]:
+    """The questions (first ``limit``), and every paragraph of every question in the file as
+    one document per title (the distractors of the other questions make the corpus harder)."""
+    from agentkit.retrievers import LoadedDocument
+
+    rows = load_jsonl(path)
+    paragraphs: dict[str, str] = {}
+    for item in rows:
+        for title, sentences in item["context"]:
+            paragraphs.setdefault(title, " ".join(s.strip() for s in sentences))
+    docs = [
+        LoadedDocument(
+            source=title,
+            text=text,
+            title=title,
+            format="txt",
+            content_hash=str(hash(text)),
+            root="hotpotqa",
+            has_lines=False,
+        )
+        for title, text in paragraphs.items()
+    ]
+    return (rows[:limit] if limit else rows), docs
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD/HotpotQA normalisation: lower case, no punctuation, articles or extra spaces."""
+    text = re.sub(
+        r"\b(a|an|the)\b", " ", "".join(c for c in text.lower() if c.isalnum() or c.isspace())
+    )
+    return " ".join(text.split())
+
+
+def f1_score(prediction: str, gold: str) -> float:
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    if normalize_answer(prediction) in ("yes", "no") or normalize_answer(gold) in ("yes", "no"):
+        return float(normalize_answer(prediction) == normalize_answer(gold))
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def eval_hotpotqa(
+    model: ChatModel,
+    data: Path,
+    index_path: Path,
+    *,
+    limit: int | None = None,
+    mode: str = "react",
+    structured: bool = True,
+    max_steps: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    from agentkit.rag import RAG
+    from agentkit.react import ReAct
+    from agentkit.retrievers import Index
+
+    if mode not in ("react", "rag", "cot"):
+        raise ValueError(f"unknown mode {mode!r}: use react, rag or cot")
+    questions, docs = load_hotpotqa(data, limit)
+    with Index.open_or_create(index_path) as index:
+        if index.stats().get("documents", 0) == 0:
+            index.add_documents(docs)
+        records = []
+        for i, item in enumerate(questions):
+            started = time.perf_counter()
+            record: dict[str, Any] = {
+                "question": item["question"],
+                "gold": item["answer"],
+                "steps": 0,
+                "parse_failures": 0,
+                "tool_errors": 0,
+                "fallback": False,
+            }
+            if mode == "react":
+                result = ReAct(model, index=index, structured=structured, max_steps=max_steps).run(
+                    item["question"]
+                )
+                record.update(
+                    prediction=result.answer,
+                    steps=len(result.steps),
+                    parse_failures=result.parse_failures,
+                    tool_errors=result.tool_errors,
+                    fallback=result.fallback,
+                    trajectory=[s.to_dict() for s in result.steps],
+                )
+            elif mode == "rag":
+                answer = RAG(index, model, max_tokens=60, min_similarity=0.0).ask(
+                    item["question"] + " Answer with a short phrase."
+                )
+                record["prediction"] = re.sub(r"\s*\[\d+\]", "", answer.text).strip().rstrip(".")
+            else:
+                reply = model.complete(
+                    load_messages("cot_hotpotqa", question=item["question"]),
+                    temperature=0.0,
+                    max_tokens=120,
+                ).text
+                record["prediction"] = reply.split("Answer:")[-1].strip().split("\n")[0]
+                record["reply"] = reply
+            record["exact_match"] = float(
+                normalize_answer(record["prediction"]) == normalize_answer(item["answer"])
+            )
+            record["f1"] = f1_score(record["prediction"], item["answer"])
+            record["latency_s"] = time.perf_counter() - started
+            records.append(record)
+            if progress:
+                progress(i + 1, len(questions))
+    n = len(records) or 1
+    return {
+        "mode": mode,
+        "n": len(records),
+        "exact_match": sum(r["exact_match"] for r in records) / n,
+        "f1": sum(r["f1"] for r in records) / n,
+        "parse_failures": sum(r["parse_failures"] for r in records),
+        "tool_errors": sum(r["tool_errors"] for r in records),
+        "fallbacks": sum(r["fallback"] for r in records),
+        "mean_steps": sum(r["steps"] for r in records) / n,
+        "mean_latency_s": sum(r["latency_s"] for r in records) / n,
         "records": records,
     }

@@ -1,0 +1,230 @@
+"""ReAct agents (Yao et al. 2022): Thought → Action → Observation until ``finish[answer]``.
+
+    result = ReAct(model, index=index).run("Where was the leader of the raid from?")
+    result.answer, [(s.action, s.argument) for s in result.steps]
+
+Each step is generated with a stop at ``Observation`` and, when ``structured`` is on (vLLM),
+constrained by a regex to ``Thought: …\\nAction: tool[arg]`` with a registered tool name, so a
+step always parses. Without it a tolerant parser reads the step, and a step it cannot read
+becomes an observation that teaches the format. Repeating the previous action is answered
+with an observation, not run again; at the step limit the agent falls back to a RAG answer.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentkit.errors import AgentkitError
+from agentkit.llm import ChatModel, Message, Structured, Usage
+from agentkit.prompts import load_messages
+from agentkit.retrievers import Index
+from agentkit.tools.docs import DocumentExplorer, finish
+from agentkit.tools.registry import Tool, ToolRegistry
+
+THOUGHT = re.compile(r"thought\s*\d*\s*:\s*(.*?)(?=\n\s*action\b|\Z)", re.I | re.S)
+ACTION = re.compile(r"action\s*\d*\s*:\s*([A-Za-z_]\w*)[ \t]*(.*)", re.I | re.S)
+BARE_ACTION = re.compile(r"^\s*([A-Za-z_]\w*)\[(.*)\]\s*$", re.M)
+MAX_OBSERVATION_CHARS = 1500
+
+
+@dataclass
+class Step:
+    thought: str
+    action: str | None
+    argument: str
+    observation: str
+    raw: str
+    parse_failed: bool = False
+    tool_error: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "thought": self.thought,
+            "action": self.action,
+            "argument": self.argument,
+            "observation": self.observation,
+            "parse_failed": self.parse_failed,
+            "tool_error": self.tool_error,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass
+class Trajectory:
+    question: str
+    steps: list[Step] = field(default_factory=list)
+    answer: str = ""
+    finished: bool = False  # finish[...] was called
+    fallback: bool = False  # the step limit was hit and RAG answered
+    usage: Usage = field(default_factory=Usage)
+    seconds: float = 0.0
+
+    @property
+    def parse_failures(self) -> int:
+        return sum(s.parse_failed for s in self.steps)
+
+    @property
+    def tool_errors(self) -> int:
+        return sum(s.tool_error for s in self.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "question": self.question,
+            "answer": self.answer,
+            "finished": self.finished,
+            "fallback": self.fallback,
+            "parse_failures": self.parse_failures,
+            "tool_errors": self.tool_errors,
+            "seconds": self.seconds,
+            "steps": [s.to_dict() for s in self.steps],
+        }
+
+
+def parse_step(text: str) -> tuple[str, str, str] | None:
+    """(thought, tool name, argument) from a step, tolerating case, spacing, missing brackets."""
+    thought = THOUGHT.search(text)
+    action = ACTION.search(text)
+    if action is not None:
+        name, rest = action.group(1), action.group(2).strip().split("\n")[0].strip()
+        if rest.startswith("["):
+            rest = rest[1:].rsplit("]", 1)[0] if "]" in rest else rest[1:]
+        elif rest.startswith("(") and rest.endswith(")"):
+            rest = rest[1:-1]
+    elif (bare := BARE_ACTION.search(text)) is not None:
+        name, rest = bare.group(1), bare.group(2)
+    else:
+        return None
+    return (thought.group(1).strip() if thought else ""), name, rest.strip().strip("\"'")
+
+
+def step_regex(names: Iterable[str]) -> str:
+    """Every step as the server must write it (``+`` not ``{1,200}``: xgrammar times out)."""
+    alternatives = "|".join(re.escape(n) for n in names)
+    return rf"Thought: [^\n\[\]]+\nAction: ({alternatives})\[[^\n\[\]]+\]"
+
+
+class ReAct:
+    """A ReAct agent over ``search``/``lookup``/``finish`` on an index, plus any tools given."""
+
+    def __init__(
+        self,
+        model: ChatModel,
+        tools: Iterable[Tool | Callable[..., Any]] = (),
+        index: Index | None = None,
+        *,
+        max_steps: int = 8,
+        structured: bool = True,
+        max_tokens: int = 160,
+        prompt: str = "react_hotpotqa",
+        on_step: Callable[[Step], None] | None = None,
+    ) -> None:
+        self.model, self.index, self.max_steps = model, index, max_steps
+        self.extra_tools = list(tools)
+        self.structured, self.max_tokens, self.prompt, self.on_step = (
+            structured,
+            max_tokens,
+            prompt,
+            on_step,
+        )
+        if max_steps < 1:
+            raise AgentkitError("max_steps must be at least 1")
+
+    def _registry(self) -> ToolRegistry:
+        registry = ToolRegistry()
+        if self.index is not None:
+            for t in DocumentExplorer(self.index).tools():
+                registry.register(t)
+        elif not any(getattr(t, "name", None) == "finish" for t in self.extra_tools):
+            registry.register(finish)
+        for t in self.extra_tools:
+            registry.register(t)
+        return registry
+
+    def steps(self, question: str) -> Iterator[Step | Trajectory]:
+        """Yields each Step as it happens, then the Trajectory."""
+        started = time.perf_counter()
+        registry = self._registry()
+        result = Trajectory(question)
+        messages: list[Message] = load_messages(
+            self.prompt, question=question, tools=registry.describe()
+        )
+        constraint = Structured(regex=step_regex(registry.names())) if self.structured else None
+        previous: tuple[str, str] | None = None
+        for _ in range(self.max_steps):
+            t0 = time.perf_counter()
+            completion = self.model.complete(
+                messages,
+                stop=["\nObservation"],
+                max_tokens=self.max_tokens,
+                temperature=0.0,
+                structured=constraint,
+            )
+            result.usage.prompt_tokens += completion.usage.prompt_tokens
+            result.usage.completion_tokens += completion.usage.completion_tokens
+            raw = completion.text.strip()
+            t1 = time.perf_counter()
+            parsed = parse_step(raw)
+            tool = registry.get(parsed[1]) if parsed else None
+            if parsed is None or tool is None:
+                step = Step(
+                    "",
+                    parsed[1] if parsed else None,
+                    parsed[2] if parsed else "",
+                    f"Invalid step. Write two lines: 'Thought: ...' then 'Action: "
+                    f"tool[argument]' with tool one of {registry.names()}.",
+                    raw,
+                    True,
+                )
+            else:
+                thought, _, argument = parsed
+                step = Step(thought, tool.name, argument, "", raw)
+                if tool.name == "finish":
+                    step.observation = argument
+                elif previous == (tool.name, argument.casefold()):
+                    step.observation = (
+                        f"You just did {tool.name}[{argument}]; its result is above."
+                        " Do something else or finish[answer]."
+                    )
+                else:
+                    try:
+                        step.observation = str(tool(argument))[:MAX_OBSERVATION_CHARS]
+                    except Exception as error:  # a tool's failure is the model's observation
+                        step.observation = f"Error from {tool.name}: {error}"
+                        step.tool_error = True
+                previous = (tool.name, argument.casefold())
+            step.seconds = {"generate": t1 - t0, "tool": time.perf_counter() - t1}
+            result.steps.append(step)
+            if self.on_step:
+                self.on_step(step)
+            yield step
+            if step.action == "finish" and not step.parse_failed:
+                result.answer, result.finished = step.argument, True
+                break
+            messages = [
+                *messages,
+                {"role": "assistant", "content": raw},
+                {"role": "user", "content": f"Observation: {step.observation}"},
+            ]
+        if not result.finished:
+            result.fallback = True
+            result.answer = self._fallback(question)
+        result.seconds = time.perf_counter() - started
+        yield result
+
+    def _fallback(self, question: str) -> str:
+        if self.index is None:
+            return ""
+        from agentkit.rag import RAG
+
+        return RAG(self.index, self.model, max_tokens=80).ask(question).text
+
+    def run(self, question: str) -> Trajectory:
+        for item in self.steps(question):
+            if isinstance(item, Trajectory):
+                return item
+        raise AssertionError("unreachable")

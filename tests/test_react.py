@@ -1,0 +1,193 @@
+"""Tools and the ReAct loop with the scripted model over a small index."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+from fakes import HashingEmbedder
+
+from agentkit import Index, LoadedDocument
+from agentkit.errors import ToolError
+from agentkit.react import ReAct, Step, Trajectory, parse_step, step_regex
+from agentkit.settings import Settings
+from agentkit.testing import ScriptedChatModel
+from agentkit.tools.docs import DocumentExplorer
+from agentkit.tools.registry import ToolRegistry, tool
+
+ANDREWS = (
+    "James J. Andrews (c. 1829 – June 7, 1862) was a Kentucky civilian. He led a raid. "
+    "He was executed in Atlanta. Andrews was born in Virginia. He moved to Kentucky. "
+    "In Kentucky he was a painter. He sang in a choir."
+)
+
+
+@pytest.fixture
+def index(settings: Settings, embedder: HashingEmbedder):
+    docs = [
+        LoadedDocument(
+            source=t, text=x, title=t, format="txt", content_hash=t, root="r", has_lines=False
+        )
+        for t, x in [
+            ("James J. Andrews", ANDREWS),
+            (
+                "Great Locomotive Chase",
+                "The Great Locomotive Chase was a raid led by James J. Andrews.",
+            ),
+            ("Andrews (surname)", "Andrews is a surname."),
+        ]
+    ]
+    with Index.create(settings.index, settings=settings, embedder=embedder) as created:
+        created.add_documents(docs)
+        yield created
+
+
+def test_search_finds_titles_exactly_then_loosely_else_lists_similar(index: Index) -> None:
+    explorer = DocumentExplorer(index)
+    first = explorer.search("James J. Andrews")
+    assert first.startswith("James J. Andrews (c. 1829") and first.endswith("He moved to Kentucky.")
+    assert explorer.search("james j andrews") == first and explorer.current == "James J. Andrews"
+    missing = explorer.search("locomotive raid")
+    assert missing.startswith("Could not find [locomotive raid]. Similar: [")
+    assert "'Great Locomotive Chase'" in missing
+
+
+def test_lookup_walks_sentences_with_the_keyword_and_restarts_on_a_new_one(index: Index) -> None:
+    explorer = DocumentExplorer(index)
+    assert explorer.lookup("Kentucky").startswith("No current document")
+    explorer.search("James J. Andrews")
+    assert (
+        explorer.lookup("kentucky")
+        == "(Result 1 / 3) James J. Andrews (c. 1829 – June 7, 1862) was a Kentucky civilian."
+    )
+    assert explorer.lookup("Kentucky") == "(Result 2 / 3) He moved to Kentucky."
+    assert explorer.lookup("Kentucky") == "(Result 3 / 3) In Kentucky he was a painter."
+    assert explorer.lookup("Kentucky") == "No more results."
+    assert explorer.lookup("choir") == "(Result 1 / 1) He sang in a choir."
+
+
+def test_a_function_becomes_a_validated_tool_in_three_lines() -> None:
+    @tool
+    def add(a: int, b: int = 1) -> int:
+        """Add two numbers."""
+        return a + b
+
+    assert (add.name, add.description) == ("add", "Add two numbers.")
+    assert add({"a": 2, "b": 3}) == 5 and add("4") == 5 and add('{"a": 1, "b": 1}') == 2
+    with pytest.raises(ToolError, match="bad arguments for add: a:"):
+        add({"a": "many"})
+    assert add.openai_schema()["function"]["parameters"]["required"] == ["a"]
+
+
+def test_async_tools_and_missing_docstrings() -> None:
+    @tool
+    async def shout(text: str) -> str:
+        """Upper-case the text."""
+        return text.upper()
+
+    assert shout("hi") == "HI" and asyncio.run(shout.acall("yo")) == "YO"
+    with pytest.raises(ToolError, match="docstring"):
+        tool(lambda x: x)
+    registry = ToolRegistry([shout])
+    with pytest.raises(ToolError, match="already registered"):
+        registry.register(shout)
+    assert registry.get("SHOUT") is shout
+
+
+def test_langchain_tools_can_be_wrapped() -> None:
+    from agentkit.tools.registry import from_langchain
+
+    class Fake:  # the duck type of a LangChain BaseTool
+        name, description, args_schema = "echo", "Echo the input.", None
+
+        def invoke(self, value):
+            return f"echo {value}"
+
+    wrapped = from_langchain(Fake())
+    assert wrapped("x") == "echo x" and wrapped.name == "echo"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Thought: go\nAction: search[Paris]", ("go", "search", "Paris")),
+        ("thought 2 : go\naction 2: Search [ Big Apple ]", ("go", "Search", "Big Apple")),
+        ("Thought: a\nAction: finish[Kentucky", ("a", "finish", "Kentucky")),
+        ("Action: lookup(year)", ("", "lookup", "year")),
+        ("Let me look.\nsearch[Nile]", ("", "search", "Nile")),
+        ("Thought: nothing to do", None),
+    ],
+)
+def test_the_tolerant_parser(text, expected) -> None:
+    assert parse_step(text) == expected
+
+
+def test_the_step_regex_admits_only_registered_tools() -> None:
+    pattern = step_regex(["search", "finish"])
+    assert re.fullmatch(pattern, "Thought: x\nAction: search[Paris]")
+    assert not re.fullmatch(pattern, "Thought: x\nAction: delete[Paris]")
+    assert "{" not in pattern  # bounded repeats make xgrammar time out
+
+
+def test_a_run_searches_looks_up_and_finishes_with_structured_steps(index: Index) -> None:
+    model = ScriptedChatModel(
+        [
+            "Thought: Find the raid.\nAction: search[Great Locomotive Chase]",
+            "Thought: Led by Andrews.\nAction: search[James J. Andrews]",
+            "Thought: Where from?\nAction: lookup[Kentucky]",
+            "Thought: Kentucky.\nAction: finish[Kentucky]",
+        ]
+    )
+    seen: list[Step] = []
+    result = ReAct(model, index=index, on_step=seen.append).run("Where was the raid's leader from?")
+    assert result.answer == "Kentucky" and result.finished and not result.fallback
+    assert [s.action for s in result.steps] == ["search", "search", "lookup", "finish"]
+    assert seen == result.steps and result.parse_failures == 0
+    call = model.calls[-1]
+    assert call.kwargs["stop"] == ["\nObservation"] and call.kwargs["structured"].regex
+    assert call.messages[-1]["content"].startswith("Observation: (Result 1 / 3)")
+    assert "- search[...]" in call.messages[0]["content"]
+
+
+def test_bad_steps_become_observations_and_repeats_are_not_rerun(index: Index) -> None:
+    model = ScriptedChatModel(
+        [
+            "I am not sure what to do.",
+            "Thought: t\nAction: fly[away]",
+            "Thought: t\nAction: search[Andrews (surname)]",
+            "Thought: t\nAction: search[Andrews (surname)]",
+            "Thought: t\nAction: finish[unknown]",
+        ]
+    )
+    result = ReAct(model, index=index, structured=False).run("q")
+    assert result.parse_failures == 2 and "Invalid step" in result.steps[0].observation
+    assert result.steps[3].observation.startswith("You just did search[Andrews (surname)]")
+    assert model.calls[0].kwargs["structured"] is None and result.answer == "unknown"
+
+
+def test_the_step_limit_falls_back_to_rag(index: Index) -> None:
+    model = ScriptedChatModel(
+        lambda messages, **kw: (
+            "Andrews was from Kentucky [1]."
+            if kw.get("structured") is None and kw.get("stop") is None
+            else "Thought: t\nAction: lookup[x]"
+        )
+    )
+    result = ReAct(model, index=index, max_steps=2).run("Where was Andrews from?")
+    assert result.fallback and not result.finished and len(result.steps) == 2
+    assert result.answer.startswith("Andrews was from Kentucky")
+
+
+def test_tool_errors_are_observations(index: Index) -> None:
+    @tool
+    def divide(a: int, b: int) -> float:
+        """Divide a by b."""
+        return a / b
+
+    model = ScriptedChatModel(
+        ['Thought: t\nAction: divide[{"a": 1, "b": 0}]', "Thought: t\nAction: finish[none]"]
+    )
+    items = list(ReAct(model, [divide]).steps("q"))
+    assert isinstance(items[-1], Trajectory) and items[-1].tool_errors == 1
+    assert "division by zero" in items[0].observation
