@@ -446,6 +446,51 @@ def react_command(
     )
 
 
+@app.command("serve")
+def serve_command(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8080,
+    workers: Annotated[int, typer.Option(min=1, max=64)] = 1,
+    index: IndexOption = None,
+    llm_url: LlmUrlOption = None,
+    with_model: Annotated[bool, typer.Option(help="Start the embedded model server too.")] = False,
+) -> None:
+    """Serve the chat REST API (OpenAI-compatible) over the index and the model."""
+    import uvicorn
+
+    from agentkit.llm import connect
+    from agentkit.retrievers import Index
+    from agentkit.services.api import ApiConfig, create_app
+    from agentkit.services.feedback import FeedbackStore
+    from agentkit.services.model_server import ModelServer, ServeOptions
+
+    if workers != 1:
+        errors.print("[yellow]warning:[/] one worker process per API for now; scale with replicas")
+    server = None
+    with reported_errors():
+        settings = get_settings(llm_url=llm_url)
+        if with_model:
+            server = ModelServer(ServeOptions(port=settings.model_port), settings.cache_dir)
+            settings = get_settings(llm_url=server.start())
+        try:
+            opened = (
+                Index.open(index, settings=settings) if (index or settings.index.exists()) else None
+            )
+            keys = tuple(k.strip() for k in (settings.api_keys or "").split(",") if k.strip())
+            app_ = create_app(
+                connect(settings),
+                opened,
+                feedback=FeedbackStore(settings.feedback_db),
+                config=ApiConfig(
+                    keys, settings.api_max_body_bytes, settings.api_rate_limit_per_minute
+                ),
+            )
+            uvicorn.run(app_, host=host, port=port, log_level="info")
+        finally:
+            if server is not None:
+                server.stop()
+
+
 def main() -> None:
     app()
 

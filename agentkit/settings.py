@@ -57,6 +57,14 @@ class Settings(BaseSettings):
     rag_min_similarity: float = Field(
         0.2, description="Sources below this cosine similarity to the question are not relevant."
     )
+    api_keys: str | None = Field(
+        None, description="Comma-separated bearer keys the REST API accepts; unset: no auth."
+    )
+    api_max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger requests get 413.")
+    api_rate_limit_per_minute: int = Field(0, ge=0, description="Per API key; 0: no limit.")
+    feedback_db: Path = Field(
+        Path(".agentkit/feedback.sqlite"), description="Where the API stores human feedback."
+    )
     cache_dir: Path = Field(
         Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "agentkit",
         description="Where converted models (ONNX, safetensors) are cached.",

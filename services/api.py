@@ -1,0 +1,405 @@
+"""The chat REST API (FastAPI): OpenAI-compatible chat completions over the agents.
+
+``model`` picks the agent: ``agentkit-rag``, ``agentkit-pal``, ``agentkit-react``; any other
+name passes through to the served model. Streaming is SSE in OpenAI's format, so the official
+``openai`` client works unchanged; citations, PAL programs and ReAct steps ride along as an
+extra ``agentkit`` field that such clients ignore.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
+
+from agentkit.errors import AgentkitError, InvalidQueryError
+from agentkit.llm import ChatModel
+from agentkit.rag import RAG, Answer
+from agentkit.retrievers import Index
+from agentkit.services.feedback import FeedbackStore
+from agentkit.tools.sandbox import Sandbox
+
+AGENTS = ("agentkit-rag", "agentkit-pal", "agentkit-react")
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = Field(max_length=200_000)
+
+
+class ChatRequest(BaseModel):
+    model: str = Field(min_length=1, max_length=200)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=500)
+    stream: bool = False
+    temperature: float | None = Field(None, ge=0, le=2)
+    max_tokens: int | None = Field(None, ge=1, le=32_768)
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=16)
+    user: str | None = Field(None, max_length=200)
+
+
+class SearchRequest(BaseModel):
+    query: str = Field(min_length=1, max_length=4096)
+    k: int = Field(5, ge=1, le=100)
+    mode: Literal["hybrid", "dense", "bm25"] = "hybrid"
+
+
+class RatingFeedback(BaseModel):
+    prompt: str = Field(min_length=1, max_length=100_000)
+    completion: str = Field(max_length=100_000)
+    rating: Literal[1, -1]
+    comment: str | None = Field(None, max_length=10_000)
+    labeler: str = Field(min_length=1, max_length=200)
+
+
+class RankingFeedback(BaseModel):
+    prompt: str = Field(min_length=1, max_length=100_000)
+    ranking: list[str] = Field(min_length=2, max_length=50)
+    ties: list[list[str]] | None = None
+    comment: str | None = Field(None, max_length=10_000)
+    labeler: str = Field(min_length=1, max_length=200)
+
+
+@dataclass
+class ApiConfig:
+    api_keys: tuple[str, ...] = ()
+    max_body_bytes: int = 1 << 20
+    rate_limit_per_minute: int = 0  # 0: no limit
+    cors_origins: tuple[str, ...] = ()
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "agentkit_requests", "HTTP requests", ["path", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "agentkit_request_seconds", "Request latency", ["path"], registry=r
+        )
+        self.tokens = Counter("agentkit_tokens", "Model tokens", ["kind"], registry=r)
+        self.steps = Counter("agentkit_agent_steps", "ReAct steps", registry=r)
+        self.sandbox = Counter("agentkit_sandbox_runs", "Sandbox runs", ["outcome"], registry=r)
+
+
+def error_body(message: str, kind: str, code: int) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def create_app(
+    model: ChatModel,
+    index: Index | None = None,
+    *,
+    feedback: FeedbackStore | None = None,
+    config: ApiConfig | None = None,
+    sandbox: Sandbox | None = None,
+) -> FastAPI:
+    config = config or ApiConfig()
+    metrics = Metrics()
+    app = FastAPI(title="agentkit", version="0.1.0")
+    app.state.model, app.state.index, app.state.metrics = model, index, metrics
+    index_lock = threading.Lock()  # one SQLite connection: serialise searches across threads
+    buckets: dict[str, list[float]] = {}
+    box = sandbox or Sandbox()
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Any:
+        started = time.perf_counter()
+        length = request.headers.get("content-length")
+        if length and (not length.isdigit() or int(length) > config.max_body_bytes):
+            response: Any = JSONResponse(
+                error_body(
+                    f"request body larger than {config.max_body_bytes} bytes",
+                    "invalid_request_error",
+                    413,
+                ),
+                status_code=413,
+            )
+        else:
+            response = await call_next(request)
+        path = request.scope.get("route").path if request.scope.get("route") else "other"
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        metrics.latency.labels(path).observe(time.perf_counter() - started)
+        return response
+
+    def authorize(request: Request) -> str:
+        if not config.api_keys:
+            return "anonymous"
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not any(hmac.compare_digest(token.encode(), k.encode()) for k in config.api_keys):
+            raise HTTPException(401, "missing or invalid API key: send Authorization: Bearer KEY")
+        if config.rate_limit_per_minute:
+            now = time.monotonic()
+            recent = [t for t in buckets.get(token, []) if now - t < 60]
+            if len(recent) >= config.rate_limit_per_minute:
+                raise HTTPException(429, "rate limit reached for this API key; retry in a minute")
+            buckets[token] = [*recent, now]
+        return token
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        kind = {401: "authentication_error", 429: "rate_limit_error", 404: "not_found_error"}
+        return JSONResponse(
+            error_body(
+                str(error.detail),
+                kind.get(error.status_code, "invalid_request_error"),
+                error.status_code,
+            ),
+            error.status_code,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        return JSONResponse(error_body(problems[:2000], "invalid_request_error", 400), 400)
+
+    @app.exception_handler(AgentkitError)
+    async def ours(request: Request, error: AgentkitError) -> JSONResponse:
+        status = 400 if isinstance(error, InvalidQueryError) else 503
+        return JSONResponse(error_body(str(error), type(error).__name__, status), status)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        return JSONResponse(
+            error_body("internal error; see the server log", "server_error", 500), 500
+        )
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        checks = {"index": index is not None}
+        try:
+            model.context_length()
+            checks["model"] = True
+        except AgentkitError:
+            checks["model"] = False
+        ready = all(checks.values())
+        return JSONResponse({"ready": ready, **checks}, 200 if ready else 503)
+
+    @app.get("/metrics")
+    def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(metrics.registry).decode())
+
+    @app.get("/v1/models")
+    def models(_: str = Depends(authorize)) -> dict[str, Any]:
+        names = list(AGENTS)
+        try:
+            names.append(getattr(model, "model", "model"))
+        except AgentkitError:
+            pass
+        return {
+            "object": "list",
+            "data": [
+                {"id": n, "object": "model", "created": 0, "owned_by": "agentkit"} for n in names
+            ],
+        }
+
+    @app.post("/v1/search")
+    def search(body: SearchRequest, _: str = Depends(authorize)) -> dict[str, Any]:
+        if index is None:
+            raise HTTPException(404, "no index is loaded: start the API with --index")
+        with index_lock:
+            hits = index.search(body.query, k=body.k, mode=body.mode)
+        return {"object": "list", "data": [h.to_dict() for h in hits]}
+
+    @app.post("/v1/feedback")
+    def add_feedback(body: RatingFeedback | RankingFeedback, _: str = Depends(authorize)) -> dict:
+        if feedback is None:
+            raise HTTPException(404, "feedback is not enabled on this server")
+        try:
+            if isinstance(body, RatingFeedback):
+                row = feedback.add_rating(
+                    body.prompt, body.completion, body.rating, body.labeler, body.comment
+                )
+            else:
+                row = feedback.add_ranking(
+                    body.prompt, body.ranking, body.labeler, body.ties, body.comment
+                )
+        except ValueError as error:
+            raise HTTPException(400, str(error)) from None
+        return {"id": row, "object": "feedback"}
+
+    @app.get("/v1/feedback/export")
+    def export(format: Literal["pairwise"] = "pairwise", _: str = Depends(authorize)) -> Any:  # noqa: A002
+        if feedback is None:
+            raise HTTPException(404, "feedback is not enabled on this server")
+        lines = (json.dumps(p, ensure_ascii=False) + "\n" for p in feedback.pairwise())
+        return StreamingResponse(lines, media_type="application/x-ndjson")
+
+    @app.post("/v1/chat/completions")
+    def chat(body: ChatRequest, _: str = Depends(authorize)) -> Any:
+        question = next((m.content for m in reversed(body.messages) if m.role == "user"), "")
+        if body.model in AGENTS and not question.strip():
+            raise HTTPException(400, "messages must include a user message with the question")
+        if body.model in ("agentkit-rag", "agentkit-react") and index is None:
+            raise HTTPException(400, f"{body.model} needs an index: start the API with --index")
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        if body.stream:
+            events = stream_events(body, question)
+            return StreamingResponse(
+                sse(events, completion_id, created, body.model),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        texts, extra, usage = run_agent(body, question)
+        metrics.tokens.labels("prompt").inc(usage[0])
+        metrics.tokens.labels("completion").inc(usage[1])
+        return {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": body.model,
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": t},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+                for i, t in enumerate(texts)
+            ],
+            "usage": {
+                "prompt_tokens": usage[0],
+                "completion_tokens": usage[1],
+                "total_tokens": usage[0] + usage[1],
+            },
+            **({"agentkit": extra} if extra else {}),
+        }
+
+    def run_agent(body: ChatRequest, question: str) -> tuple[list[str], dict, tuple[int, int]]:
+        if body.model == "agentkit-rag":
+            with index_lock:
+                answer = RAG(index, model, max_tokens=body.max_tokens or 384).ask(question)  # type: ignore[arg-type]
+            extra = {
+                "citations": [c.to_dict() for c in answer.citations],
+                "invalid_citations": answer.invalid_citations,
+                "answered": answer.answered,
+            }
+            return (
+                [answer.text],
+                extra,
+                (answer.usage.prompt_tokens, answer.usage.completion_tokens),
+            )
+        if body.model == "agentkit-pal":
+            from agentkit.pal import PAL
+
+            solved = PAL(model, box).solve(question)
+            metrics.sandbox.labels(solved.result.error_type or "ok").inc()
+            return (
+                [solved.text or (solved.result.error or "")],
+                {"pal": solved.to_dict()},
+                (solved.usage.prompt_tokens, solved.usage.completion_tokens),
+            )
+        if body.model == "agentkit-react":
+            from agentkit.react import ReAct
+
+            with index_lock:
+                result = ReAct(model, index=index).run(question)
+            metrics.steps.inc(len(result.steps))
+            return (
+                [result.answer],
+                {"react": result.to_dict()},
+                (result.usage.prompt_tokens, result.usage.completion_tokens),
+            )
+        done = model.complete(
+            [m.model_dump() for m in body.messages],
+            stop=stops(body.stop),
+            max_tokens=body.max_tokens,
+            temperature=body.temperature,
+            n=body.n,
+        )
+        return done.texts, {}, (done.usage.prompt_tokens, done.usage.completion_tokens)
+
+    def stream_events(body: ChatRequest, question: str) -> Iterator[tuple[str, dict | None]]:
+        """(text piece, extra) events; the API's SSE framing wraps them."""
+        if body.model == "agentkit-rag":
+            with index_lock:
+                for item in RAG(index, model, max_tokens=body.max_tokens or 384).stream(question):  # type: ignore[arg-type]
+                    if isinstance(item, Answer):
+                        yield (
+                            "",
+                            {
+                                "citations": [c.to_dict() for c in item.citations],
+                                "invalid_citations": item.invalid_citations,
+                            },
+                        )
+                    else:
+                        yield item, None
+        elif body.model == "agentkit-react":
+            from agentkit.react import ReAct, Step
+
+            with index_lock:
+                for item in ReAct(model, index=index).steps(question):
+                    if isinstance(item, Step):
+                        metrics.steps.inc()
+                        yield "", {"step": item.to_dict()}
+                    else:
+                        yield item.answer, None
+        elif body.model == "agentkit-pal":
+            texts, extra, _ = run_agent(body, question)
+            yield "", extra
+            yield texts[0], None
+        else:
+            for delta in model.stream(
+                [m.model_dump() for m in body.messages],
+                stop=stops(body.stop),
+                max_tokens=body.max_tokens,
+                temperature=body.temperature,
+            ):
+                if delta.text:
+                    yield delta.text, None
+
+    return app
+
+
+def stops(stop: str | list[str] | None) -> list[str] | None:
+    return [stop] if isinstance(stop, str) else stop
+
+
+def sse(
+    events: Iterator[tuple[str, dict | None]], completion_id: str, created: int, model: str
+) -> Iterator[str]:
+    """OpenAI's chunk framing: a role chunk, content chunks, a finish chunk, ``[DONE]``."""
+
+    def chunk(delta: dict[str, Any], finish: str | None, extra: dict | None = None) -> str:
+        body: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        if extra:
+            body["agentkit"] = extra
+        return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""}, None)
+    try:
+        for text, extra in events:
+            yield chunk({"content": text} if text else {}, None, extra)
+    except AgentkitError as error:
+        yield f"data: {json.dumps(error_body(str(error), type(error).__name__, 503))}\n\n"
+        return
+    yield chunk({}, "stop")
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,230 @@
+"""The REST API with the scripted model: the openai client and LangChain unchanged, SSE framing,
+feedback export, auth, limits, errors."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from fakes import HashingEmbedder
+
+from agentkit import Index, index_folder
+from agentkit.client import Client
+from agentkit.services.api import ApiConfig, create_app
+from agentkit.services.feedback import FeedbackStore
+from agentkit.settings import Settings
+from agentkit.testing import ScriptedChatModel
+
+
+def reply(messages, **kw) -> str:
+    last = messages[-1]["content"]
+    if "Sources:" in last:
+        return "The aardvark module needs zlib [1][9]."
+    return "Echo: " + last
+
+
+class Running:
+    def __init__(self, app) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join()
+
+
+@pytest.fixture
+def api(docs: Path, settings: Settings, embedder: HashingEmbedder, tmp_path: Path):
+    index_folder(docs, settings.index, settings=settings, embedder=embedder)
+    index = Index.open(settings.index, settings=settings, embedder=embedder)
+    store = FeedbackStore(tmp_path / "feedback.sqlite")
+    app = create_app(
+        ScriptedChatModel(reply), index, feedback=store, config=ApiConfig(max_body_bytes=50_000)
+    )
+    running = Running(app)
+    yield running, store
+    running.stop()
+    index.close()
+
+
+def test_the_official_openai_client_works_unchanged(api) -> None:
+    from openai import OpenAI
+
+    running, _ = api
+    client = OpenAI(base_url=running.url + "/v1", api_key="unused")
+    done = client.chat.completions.create(
+        model="agentkit-rag", messages=[{"role": "user", "content": "Which module needs zlib?"}]
+    )
+    assert done.choices[0].message.content == "The aardvark module needs zlib [1]."
+    extra = done.model_extra["agentkit"]
+    assert extra["citations"][0]["source"] == "guide/install.md" and extra["invalid_citations"] == [
+        9
+    ]
+    pieces = client.chat.completions.create(
+        model="agentkit-rag",
+        stream=True,
+        messages=[{"role": "user", "content": "Which module needs zlib?"}],
+    )
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in pieces).strip()
+        == "The aardvark module needs zlib [1]."
+    )
+    plain = client.chat.completions.create(
+        model="scripted", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert plain.choices[0].message.content == "Echo: hi"
+    assert {m.id for m in client.models.list()} >= {
+        "agentkit-rag",
+        "agentkit-pal",
+        "agentkit-react",
+    }
+
+
+def test_langchain_chat_openai_works_unchanged(api) -> None:
+    from langchain_openai import ChatOpenAI
+
+    running, _ = api
+    llm = ChatOpenAI(base_url=running.url + "/v1", api_key="unused", model="scripted")
+    assert llm.invoke("hello").content == "Echo: hello"
+    assert "".join(c.content for c in llm.stream("hello")) == "Echo: hello"
+
+
+def test_sse_framing_is_openais(api) -> None:
+    running, _ = api
+    body = {"model": "scripted", "stream": True, "messages": [{"role": "user", "content": "a b"}]}
+    with httpx.stream("POST", running.url + "/v1/chat/completions", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = response.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    chunks = [json.loads(e[len("data: ") :]) for e in events[:-2]]
+    assert all(e.startswith("data: {") for e in events[:-2])
+    first, last = chunks[0], chunks[-1]
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert last["choices"][0] == {
+        "index": 0,
+        "delta": {},
+        "logprobs": None,
+        "finish_reason": "stop",
+    }
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "Echo: a b"
+
+
+def test_feedback_exports_pairwise_preferences(api) -> None:
+    running, store = api
+    with Client(running.url) as client:
+        client.feedback(prompt="p", ranking=["a", "b", "c", "d"], labeler="ann")
+        client.feedback(prompt="q", ranking=["x", "y", "z"], ties=[["y", "z"]], labeler="bob")
+        client.feedback(prompt="r", completion="good", rating=1, labeler="ann")
+        client.feedback(prompt="r", completion="bad", rating=-1, labeler="bob")
+    lines = httpx.get(running.url + "/v1/feedback/export?format=pairwise").text.splitlines()
+    pairs = [json.loads(line) for line in lines]
+    by_prompt = {
+        p: [(x["chosen"], x["rejected"]) for x in pairs if x["prompt"] == p] for p in "pqr"
+    }
+    assert (
+        len(by_prompt["p"]) == 6
+        and ("a", "d") in by_prompt["p"]
+        and ("d", "a") not in by_prompt["p"]
+    )
+    assert sorted(by_prompt["q"]) == [("x", "y"), ("x", "z")]
+    assert by_prompt["r"] == [("good", "bad")]
+
+
+def test_concurrent_feedback_writes_are_never_lost(tmp_path: Path) -> None:
+    store = FeedbackStore(tmp_path / "f.sqlite")
+
+    def write(i: int) -> None:
+        FeedbackStore(tmp_path / "f.sqlite").add_rating(f"p{i % 5}", f"c{i}", 1, "x")
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(write, range(400)))
+    assert store.count() == 400
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ("not json", 400),
+        ({"model": "agentkit-rag"}, 400),
+        ({"model": "agentkit-rag", "messages": []}, 400),
+        ({"model": "x", "messages": [{"role": "wizard", "content": "hi"}]}, 400),
+        ({"model": "x", "messages": [{"role": "user", "content": "hi"}], "n": 0}, 400),
+        ({"model": "agentkit-rag", "messages": [{"role": "system", "content": "only"}]}, 400),
+    ],
+)
+def test_malformed_requests_are_4xx_in_openais_error_shape(api, body, status) -> None:
+    running, _ = api
+    kwargs = {"content": body} if isinstance(body, str) else {"json": body}
+    response = httpx.post(running.url + "/v1/chat/completions", **kwargs)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert "Traceback" not in response.text
+
+
+def test_oversized_requests_get_413(api) -> None:
+    running, _ = api
+    big = {"model": "x", "messages": [{"role": "user", "content": "x" * 60_000}]}
+    assert httpx.post(running.url + "/v1/chat/completions", json=big).status_code == 413
+
+
+def test_api_keys_and_rate_limits(tmp_path: Path) -> None:
+    app = create_app(
+        ScriptedChatModel(reply),
+        None,
+        config=ApiConfig(api_keys=("secret-key",), rate_limit_per_minute=2),
+    )
+    running = Running(app)
+    try:
+        url = running.url + "/v1/models"
+        assert httpx.get(url).status_code == 401
+        assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        good = {"Authorization": "Bearer secret-key"}
+        assert [httpx.get(url, headers=good).status_code for _ in range(3)] == [200, 200, 429]
+        assert httpx.get(running.url + "/healthz").status_code == 200
+    finally:
+        running.stop()
+
+
+def test_health_readiness_search_and_metrics(api) -> None:
+    running, _ = api
+    assert httpx.get(running.url + "/readyz").json() == {
+        "ready": True,
+        "index": True,
+        "model": True,
+    }
+    hits = httpx.post(running.url + "/v1/search", json={"query": "aardvark zlib", "k": 2}).json()
+    assert hits["data"][0]["source"] == "guide/install.md"
+    metrics = httpx.get(running.url + "/metrics").text
+    assert 'agentkit_requests_total{path="/v1/search",status="200"} 1.0' in metrics
+    assert "agentkit_request_seconds_bucket" in metrics
+
+
+def test_the_sdk_client_streams_text_and_agent_events(api) -> None:
+    running, _ = api
+    with Client(running.url) as client:
+        reply_ = client.chat("Which module needs zlib?")
+        assert reply_.text.endswith("[1].") and reply_.citations[0]["number"] == 1
+        items = list(client.chat_stream("Which module needs zlib?"))
+    text = "".join(i for i in items if isinstance(i, str))
+    events = [i for i in items if isinstance(i, dict)]
+    assert (
+        text.strip() == reply_.text and events[-1]["citations"][0]["source"] == "guide/install.md"
+    )
