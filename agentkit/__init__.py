@@ -1,15 +1,26 @@
 """agentkit: RAG, PAL and ReAct agents on a self-hosted, aligned model served by vLLM."""
 
+from agentkit.client import AsyncClient, ChatReply, Client
 from agentkit.errors import (
     AgentkitError,
     ConfigError,
+    ContextBudgetError,
     EmbeddingModelError,
     IndexFormatError,
     IndexLockedError,
     IndexNotFoundError,
     InvalidPathError,
     InvalidQueryError,
+    LLMError,
+    ModelPrepareError,
+    ModelServerError,
+    SandboxError,
+    ToolError,
 )
+from agentkit.llm import ChatModel, Completion, Delta, OpenAIChatModel, Structured, Usage, connect
+from agentkit.pal import PAL, PALAnswer
+from agentkit.rag import RAG, Answer, Citation
+from agentkit.react import ReAct, Step, Trajectory
 from agentkit.retrievers import (
     Hit,
     Index,
@@ -19,24 +30,19 @@ from agentkit.retrievers import (
     register_loader,
 )
 from agentkit.settings import Settings, get_settings
+from agentkit.testing import ScriptedChatModel
+from agentkit.tools.registry import Tool, ToolRegistry, from_langchain, tool
+from agentkit.tools.sandbox import Sandbox, SandboxResult
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AgentkitError",
-    "ConfigError",
-    "EmbeddingModelError",
-    "Hit",
-    "Index",
-    "IndexFormatError",
-    "IndexLockedError",
-    "IndexNotFoundError",
-    "InvalidPathError",
-    "InvalidQueryError",
-    "LoadedDocument",
-    "Settings",
-    "SyncSummary",
-    "get_settings",
-    "index_folder",
-    "register_loader",
+    "PAL", "RAG", "AgentkitError", "Answer", "AsyncClient", "ChatModel", "ChatReply", "Citation",
+    "Client", "Completion", "ConfigError", "ContextBudgetError", "Delta", "EmbeddingModelError",
+    "Hit", "Index", "IndexFormatError", "IndexLockedError", "IndexNotFoundError",
+    "InvalidPathError", "InvalidQueryError", "LLMError", "LoadedDocument", "ModelPrepareError",
+    "ModelServerError", "OpenAIChatModel", "PALAnswer", "ReAct", "Sandbox", "SandboxError",
+    "SandboxResult", "ScriptedChatModel", "Settings", "Step", "Structured", "SyncSummary", "Tool",
+    "ToolError", "ToolRegistry", "Trajectory", "Usage", "connect", "from_langchain",
+    "get_settings", "index_folder", "register_loader", "tool",
 ]
