@@ -155,13 +155,14 @@ class ReAct:
         )
         constraint = Structured(regex=step_regex(registry.names())) if self.structured else None
         previous: tuple[str, str] | None = None
+        repeats = 0
         for _ in range(self.max_steps):
             t0 = time.perf_counter()
             completion = self.model.complete(
                 messages,
                 stop=["\nObservation"],
                 max_tokens=self.max_tokens,
-                temperature=0.0,
+                temperature=0.7 if repeats else 0.0,  # greedy decoding repeats itself: sample
                 structured=constraint,
             )
             result.usage.prompt_tokens += completion.usage.prompt_tokens
@@ -186,11 +187,13 @@ class ReAct:
                 if tool.name == "finish":
                     step.observation = argument
                 elif previous == (tool.name, argument.casefold()):
+                    repeats += 1
                     step.observation = (
                         f"You just did {tool.name}[{argument}]; its result is above."
                         " Do something else or finish[answer]."
                     )
                 else:
+                    repeats = 0
                     try:
                         step.observation = str(tool(argument))[:MAX_OBSERVATION_CHARS]
                     except Exception as error:  # a tool's failure is the model's observation
@@ -204,6 +207,8 @@ class ReAct:
             yield step
             if step.action == "finish" and not step.parse_failed:
                 result.answer, result.finished = step.argument, True
+                break
+            if repeats >= 3:  # stuck: more steps will not help, the fallback might
                 break
             messages = [
                 *messages,

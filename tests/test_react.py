@@ -191,3 +191,12 @@ def test_tool_errors_are_observations(index: Index) -> None:
     items = list(ReAct(model, [divide]).steps("q"))
     assert isinstance(items[-1], Trajectory) and items[-1].tool_errors == 1
     assert "division by zero" in items[0].observation
+
+
+def test_a_stuck_agent_samples_then_stops_and_falls_back(index: Index) -> None:
+    model = ScriptedChatModel(lambda messages, **kw: (
+        "Thought: t\nAction: search[Andrews (surname)]" if kw.get("structured") else "RAG says hi."))
+    result = ReAct(model, index=index, max_steps=8).run("q")
+    assert len(result.steps) == 4 and result.fallback and result.answer == "RAG says hi."
+    temperatures = [c.kwargs["temperature"] for c in model.calls[:4]]
+    assert temperatures == [0.0, 0.0, 0.7, 0.7]
