@@ -461,6 +461,7 @@ def serve_command(
     from agentkit.llm import connect
     from agentkit.retrievers import Index
     from agentkit.services.api import ApiConfig, create_app
+    from agentkit.services.conversations import ConversationStore
     from agentkit.services.feedback import FeedbackStore
     from agentkit.services.model_server import ModelServer, ServeOptions
 
@@ -477,13 +478,22 @@ def serve_command(
                 Index.open(index, settings=settings) if (index or settings.index.exists()) else None
             )
             keys = tuple(k.strip() for k in (settings.api_keys or "").split(",") if k.strip())
+            roots = tuple(
+                r.strip() for r in (settings.api_document_roots or "").split(",") if r.strip()
+            )
+            config = ApiConfig(
+                api_keys=keys,
+                max_body_bytes=settings.api_max_body_bytes,
+                rate_limit_per_minute=settings.api_rate_limit_per_minute,
+                document_roots=roots,
+                upload_dir=str(settings.api_upload_dir) if settings.api_upload_dir else None,
+            )
             app_ = create_app(
                 connect(settings),
                 opened,
                 feedback=FeedbackStore(settings.feedback_db),
-                config=ApiConfig(
-                    keys, settings.api_max_body_bytes, settings.api_rate_limit_per_minute
-                ),
+                config=config,
+                conversations=ConversationStore(settings.conversations_db),
             )
             uvicorn.run(app_, host=host, port=port, log_level="info")
         finally:

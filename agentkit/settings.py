@@ -62,6 +62,13 @@ class Settings(BaseSettings):
     )
     api_max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger requests get 413.")
     api_rate_limit_per_minute: int = Field(0, ge=0, description="Per API key; 0: no limit.")
+    api_document_roots: str | None = Field(
+        None, description="Comma-separated folders POST /v1/documents/folder may index."
+    )
+    api_upload_dir: Path | None = Field(None, description="Enables uploads; files are kept here.")
+    conversations_db: Path = Field(
+        Path(".agentkit/conversations.sqlite"), description="Server-side chat history."
+    )
     feedback_db: Path = Field(
         Path(".agentkit/feedback.sqlite"), description="Where the API stores human feedback."
     )
@@ -81,7 +88,6 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml_file = Path(os.environ.get("AGENTKIT_CONFIG", "agentkit.toml"))
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file))
-
 
     def llm_urls(self) -> list[str]:
         """The model server URLs: ``llm_url`` split on commas, else the local default port."""

@@ -135,6 +135,20 @@ class Index:
         with writer_lock(self.path):
             return indexer.add_documents(self.store, self.embedder, docs, self.chunking)
 
+    def remove_source(self, source: str) -> int:
+        """Remove every document with this source path; returns how many were removed."""
+        with writer_lock(self.path):
+            ids = [
+                r[0]
+                for r in self.store.db.execute(
+                    "SELECT id FROM documents WHERE source = ?", (source,)
+                )
+            ]
+            if ids:
+                with self.store.transaction():
+                    self.store.remove_documents(ids)
+            return len(ids)
+
     def stats(self) -> dict[str, Any]:
         documents, chunks = self.store.counts()
         return {

@@ -28,6 +28,7 @@ from agentkit.errors import AgentkitError, InvalidQueryError
 from agentkit.llm import ChatModel
 from agentkit.rag import RAG, Answer
 from agentkit.retrievers import Index
+from agentkit.services.conversations import ConversationStore, trim_to_budget
 from agentkit.services.feedback import FeedbackStore
 from agentkit.tools.sandbox import Sandbox
 
@@ -48,6 +49,11 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=16)
     user: str | None = Field(None, max_length=200)
+    conversation_id: str | None = Field(None, min_length=1, max_length=200)
+
+
+class FolderRequest(BaseModel):
+    folder: str = Field(min_length=1, max_length=4096)
 
 
 class SearchRequest(BaseModel):
@@ -78,6 +84,8 @@ class ApiConfig:
     max_body_bytes: int = 1 << 20
     rate_limit_per_minute: int = 0  # 0: no limit
     cors_origins: tuple[str, ...] = ()
+    document_roots: tuple[str, ...] = ()  # folders POST /v1/documents/folder may index
+    upload_dir: str | None = None  # where uploaded files are kept; None: no uploads
 
 
 @dataclass
@@ -108,6 +116,7 @@ def create_app(
     feedback: FeedbackStore | None = None,
     config: ApiConfig | None = None,
     sandbox: Sandbox | None = None,
+    conversations: ConversationStore | None = None,
 ) -> FastAPI:
     config = config or ApiConfig()
     metrics = Metrics()
@@ -116,6 +125,16 @@ def create_app(
     index_lock = threading.Lock()  # one SQLite connection: serialise searches across threads
     buckets: dict[str, list[float]] = {}
     box = sandbox or Sandbox()
+    jobs: dict[str, dict[str, Any]] = {}
+    if config.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Any:
@@ -245,6 +264,91 @@ def create_app(
         lines = (json.dumps(p, ensure_ascii=False) + "\n" for p in feedback.pairwise())
         return StreamingResponse(lines, media_type="application/x-ndjson")
 
+    def start_job(kind: str, work: Any) -> dict[str, Any]:
+        job_id = uuid.uuid4().hex[:16]
+        jobs[job_id] = {
+            "id": job_id,
+            "kind": kind,
+            "state": "running",
+            "summary": None,
+            "error": None,
+        }
+
+        def run() -> None:
+            try:
+                with index_lock:
+                    summary = work()
+                jobs[job_id].update(state="done", summary=summary.to_dict())
+            except Exception as error:  # the job reports it; the server stays up
+                jobs[job_id].update(state="failed", error=str(error))
+
+        threading.Thread(target=run, name=f"index-{job_id}", daemon=True).start()
+        return jobs[job_id]
+
+    def need_index() -> Index:
+        if index is None:
+            raise HTTPException(404, "no index is loaded: start the API with --index")
+        return index
+
+    @app.post("/v1/documents/folder", status_code=202)
+    def index_server_folder(body: FolderRequest, _: str = Depends(authorize)) -> dict[str, Any]:
+        target = need_index()
+        from pathlib import Path
+
+        folder = Path(body.folder).resolve()
+        roots = [Path(r).resolve() for r in config.document_roots]
+        if not any(folder == r or folder.is_relative_to(r) for r in roots):
+            raise HTTPException(403, "that folder is outside the configured document roots")
+        if not folder.is_dir():
+            raise HTTPException(400, f"{body.folder} is not a folder")
+        return start_job("folder", lambda: target.sync_folder(folder))
+
+    @app.post("/v1/documents", status_code=202)
+    async def upload(request: Request, _: str = Depends(authorize)) -> dict[str, Any]:
+        target = need_index()
+        if config.upload_dir is None:
+            raise HTTPException(404, "uploads are not enabled on this server")
+        from pathlib import Path
+
+        from agentkit.retrievers.loaders import load_file
+
+        try:
+            form = await request.form()
+        except Exception:
+            raise HTTPException(400, "send files as multipart/form-data") from None
+        root = Path(config.upload_dir).resolve()
+        docs = []
+        for item in form.getlist("files"):
+            if isinstance(item, str):
+                continue
+            name = Path(item.filename or "").name  # no folders, no traversal
+            if not name or name.startswith("."):
+                raise HTTPException(400, f"bad file name {item.filename!r}")
+            raw = await item.read()
+            root.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(raw)
+            doc = load_file(root / name, root, raw=raw)
+            if doc is not None:
+                docs.append(doc)
+        if not docs:
+            raise HTTPException(400, "no indexable files (.md .txt .rst .html .pdf) in 'files'")
+        return start_job("upload", lambda: target.add_documents(docs))
+
+    @app.get("/v1/documents/jobs/{job_id}")
+    def job_status(job_id: str, _: str = Depends(authorize)) -> dict[str, Any]:
+        if job_id not in jobs:
+            raise HTTPException(404, f"no job {job_id}")
+        return jobs[job_id]
+
+    @app.delete("/v1/documents/{source:path}")
+    def delete_document(source: str, _: str = Depends(authorize)) -> dict[str, Any]:
+        target = need_index()
+        with index_lock:
+            removed = target.remove_source(source)
+        if not removed:
+            raise HTTPException(404, f"no document with source {source!r}")
+        return {"deleted": source, "documents": removed}
+
     @app.post("/v1/chat/completions")
     def chat(body: ChatRequest, _: str = Depends(authorize)) -> Any:
         question = next((m.content for m in reversed(body.messages) if m.role == "user"), "")
@@ -254,14 +358,35 @@ def create_app(
             raise HTTPException(400, f"{body.model} needs an index: start the API with --index")
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
+        new_messages = [m.model_dump() for m in body.messages]
+        remember = None
+        if body.conversation_id and conversations is not None:
+            history = conversations.history(body.conversation_id)
+            body.messages = [
+                ChatMessage(**m)
+                for m in trim_to_budget(model, history, new_messages, body.max_tokens or 256)
+            ]
+
+            def remember(text: str) -> None:
+                conversations.append(
+                    body.conversation_id,
+                    [  # type: ignore[arg-type]
+                        *new_messages,
+                        {"role": "assistant", "content": text},
+                    ],
+                )
+
         if body.stream:
             events = stream_events(body, question)
             return StreamingResponse(
-                sse(events, completion_id, created, body.model),
+                sse(events, completion_id, created, body.model, remember),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         texts, extra, usage = run_agent(body, question)
+        if remember is not None:
+            remember(texts[0])
+            extra = {**extra, "conversation_id": body.conversation_id}
         metrics.tokens.labels("prompt").inc(usage[0])
         metrics.tokens.labels("completion").inc(usage[1])
         return {
@@ -377,7 +502,11 @@ def stops(stop: str | list[str] | None) -> list[str] | None:
 
 
 def sse(
-    events: Iterator[tuple[str, dict | None]], completion_id: str, created: int, model: str
+    events: Iterator[tuple[str, dict | None]],
+    completion_id: str,
+    created: int,
+    model: str,
+    on_done: Any = None,
 ) -> Iterator[str]:
     """OpenAI's chunk framing: a role chunk, content chunks, a finish chunk, ``[DONE]``."""
 
@@ -395,11 +524,15 @@ def sse(
         return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
     yield chunk({"role": "assistant", "content": ""}, None)
+    parts: list[str] = []
     try:
         for text, extra in events:
+            parts.append(text)
             yield chunk({"content": text} if text else {}, None, extra)
     except AgentkitError as error:
         yield f"data: {json.dumps(error_body(str(error), type(error).__name__, 503))}\n\n"
         return
+    if on_done is not None:
+        on_done("".join(parts))
     yield chunk({}, "stop")
     yield "data: [DONE]\n\n"

@@ -228,3 +228,88 @@ def test_the_sdk_client_streams_text_and_agent_events(api) -> None:
     assert (
         text.strip() == reply_.text and events[-1]["citations"][0]["source"] == "guide/install.md"
     )
+
+
+def test_documents_are_uploaded_indexed_in_the_background_and_deleted(
+    settings: Settings, embedder: HashingEmbedder, tmp_path: Path, docs: Path
+) -> None:
+    index_folder(docs, settings.index, settings=settings, embedder=embedder)
+    index = Index.open(settings.index, settings=settings, embedder=embedder)
+    config = ApiConfig(document_roots=(str(docs),), upload_dir=str(tmp_path / "uploads"))
+    running = Running(create_app(ScriptedChatModel(reply), index, config=config))
+    try:
+        files = {
+            "files": (
+                "../../evil/kestrel.md",
+                b"# Kestrel\n\nThe kestrel flag enables turbo mode.\n",
+            )
+        }
+        job = httpx.post(running.url + "/v1/documents", files=files).json()
+        for _ in range(200):
+            status = httpx.get(f"{running.url}/v1/documents/jobs/{job['id']}").json()
+            if status["state"] != "running":
+                break
+            time.sleep(0.05)
+        assert status["state"] == "done" and status["summary"]["added"] == 1, status
+        assert (tmp_path / "uploads" / "kestrel.md").exists()  # the name, never the path
+        hits = httpx.post(running.url + "/v1/search", json={"query": "kestrel turbo"}).json()
+        assert hits["data"][0]["source"] == "kestrel.md"
+        outside = httpx.post(running.url + "/v1/documents/folder", json={"folder": "/etc"})
+        sneaky = httpx.post(
+            running.url + "/v1/documents/folder", json={"folder": f"{docs}/../../.."}
+        )
+        assert outside.status_code == sneaky.status_code == 403
+        inside = httpx.post(running.url + "/v1/documents/folder", json={"folder": str(docs)})
+        assert inside.status_code == 202
+        assert httpx.delete(running.url + "/v1/documents/kestrel.md").json()["documents"] == 1
+        assert httpx.delete(running.url + "/v1/documents/kestrel.md").status_code == 404
+    finally:
+        running.stop()
+        index.close()
+
+
+def test_conversations_keep_history_server_side(tmp_path: Path) -> None:
+    from agentkit.services.conversations import ConversationStore
+
+    model = ScriptedChatModel(lambda messages, **kw: f"{len(messages)} messages so far")
+    app = create_app(model, None, conversations=ConversationStore(tmp_path / "c.sqlite"))
+    running = Running(app)
+    try:
+
+        def say(text: str) -> str:
+            body = {
+                "model": "scripted",
+                "conversation_id": "c1",
+                "messages": [{"role": "user", "content": text}],
+            }
+            return httpx.post(running.url + "/v1/chat/completions", json=body).json()["choices"][0][
+                "message"
+            ]["content"]
+
+        assert [say("a"), say("b"), say("c")] == [
+            "1 messages so far",
+            "3 messages so far",
+            "5 messages so far",
+        ]
+        assert [m["content"] for m in model.calls[-1].messages] == [
+            "a",
+            "1 messages so far",
+            "b",
+            "3 messages so far",
+            "c",
+        ]
+    finally:
+        running.stop()
+
+
+def test_history_is_trimmed_to_the_context(tmp_path: Path) -> None:
+    from agentkit.services.conversations import trim_to_budget
+
+    model = ScriptedChatModel([], context_length=60)
+    history = [
+        {"role": "user", "content": "word " * 10},
+        {"role": "assistant", "content": "ok"},
+    ] * 3
+    kept = trim_to_budget(model, history, [{"role": "user", "content": "now"}], max_tokens=20)
+    assert kept[-1]["content"] == "now" and len(kept) < 7
+    assert model.count_tokens(kept) + 20 <= 60 and kept[0]["role"] == "user"

@@ -10,12 +10,17 @@ from hypothesis import strategies as st
 
 from agentkit import Index, index_folder
 from agentkit.services.api import ApiConfig, create_app
+from agentkit.services.conversations import ConversationStore
 from agentkit.services.feedback import FeedbackStore
 from agentkit.settings import Settings
 from agentkit.testing import ScriptedChatModel
 
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=30),
     lambda inner: (
         st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
     ),
@@ -31,10 +36,11 @@ CHAT = st.fixed_dictionaries(
     },
     optional={
         "stream": st.booleans() | JSON,
-        "temperature": st.floats() | JSON,
+        "temperature": st.floats(allow_nan=False, allow_infinity=False) | JSON,
         "max_tokens": st.integers() | JSON,
         "stop": st.text(max_size=5) | JSON,
         "n": st.integers(-2, 20),
+        "conversation_id": st.sampled_from(["c1", "c2", ""]) | JSON,
         "user": JSON,
     },
 )
@@ -51,7 +57,14 @@ SEARCH = st.fixed_dictionaries(
     {"query": st.text(max_size=60) | JSON},
     optional={"k": st.integers(-5, 500) | JSON, "mode": JSON},
 )
-BODIES = {"/v1/chat/completions": CHAT, "/v1/feedback": FEEDBACK, "/v1/search": SEARCH}
+FOLDER = st.fixed_dictionaries({"folder": st.sampled_from(["/", "/etc", "../..", "docs"]) | JSON})
+BODIES = {
+    "/v1/chat/completions": CHAT,
+    "/v1/feedback": FEEDBACK,
+    "/v1/search": SEARCH,
+    "/v1/documents/folder": FOLDER,
+    "/v1/documents": JSON,
+}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +86,8 @@ def client(tmp_path_factory: pytest.TempPathFactory):
         model,
         Index.open(settings.index, settings=settings, embedder=embedder),
         feedback=FeedbackStore(root / "f.sqlite"),
-        config=ApiConfig(),
+        config=ApiConfig(document_roots=(str(root / "docs"),), upload_dir=str(root / "up")),
+        conversations=ConversationStore(root / "c.sqlite"),
     )
     with TestClient(app, raise_server_exceptions=False) as test_client:
         yield test_client

@@ -194,8 +194,8 @@ def test_tool_errors_are_observations(index: Index) -> None:
 
 
 def test_a_stuck_agent_samples_then_stops_and_falls_back(index: Index) -> None:
-    model = ScriptedChatModel(lambda messages, **kw: (
-        "Thought: t\nAction: search[Andrews (surname)]" if kw.get("structured") else "RAG says hi."))
+    stuck = "Thought: t\nAction: search[Andrews (surname)]"
+    model = ScriptedChatModel(lambda m, **kw: stuck if kw.get("structured") else "RAG says hi.")
     result = ReAct(model, index=index, max_steps=8).run("q")
     assert len(result.steps) == 4 and result.fallback and result.answer == "RAG says hi."
     temperatures = [c.kwargs["temperature"] for c in model.calls[:4]]
