@@ -20,7 +20,7 @@ from agentkit.settings import get_settings
 app = typer.Typer(
     help="agentkit: RAG, PAL and ReAct agents on a self-hosted model.", no_args_is_help=True
 )
-console = Console()
+console = Console(soft_wrap=True)
 errors = Console(stderr=True, soft_wrap=True)
 
 IndexOption = Annotated[
@@ -499,6 +499,84 @@ def serve_command(
         finally:
             if server is not None:
                 server.stop()
+
+
+@app.command("chat")
+def chat_command(
+    index: IndexOption = None,
+    llm_url: LlmUrlOption = None,
+    api_url: Annotated[
+        str | None, typer.Option(help="Chat through a running agentkit API.")
+    ] = None,
+    mode: Annotated[str, typer.Option(help="rag, pal or react.")] = "rag",
+) -> None:
+    """Interactive chat: /mode rag|pal|react, /sources, /history, /quit."""
+    import uuid
+
+    from agentkit.client import Client
+
+    state = {"mode": mode, "sources": [], "history": []}
+    conversation = uuid.uuid4().hex
+
+    def answer_in_process(question: str) -> tuple[str, list[str]]:
+        from agentkit.llm import connect
+        from agentkit.pal import PAL
+        from agentkit.rag import RAG
+        from agentkit.react import ReAct
+        from agentkit.retrievers import Index
+
+        settings = get_settings(llm_url=llm_url)
+        with connect(settings) as model:
+            if state["mode"] == "pal":
+                solved = PAL(model).solve(question)
+                return (solved.text or solved.result.error or ""), []
+            with Index.open(index, settings=settings) as opened:
+                if state["mode"] == "react":
+                    return ReAct(model, index=opened).run(question).answer, []
+                reply = RAG(opened, model).ask(question)
+                return reply.text, [
+                    f"[{c.number}] {relative(c.hit.location)}" for c in reply.citations
+                ]
+
+    def answer_remote(question: str) -> tuple[str, list[str]]:
+        with Client(api_url) as client:  # type: ignore[arg-type]
+            reply = client.chat(
+                question, model=f"agentkit-{state['mode']}", conversation_id=conversation
+            )
+        return reply.text, [f"[{c['number']}] {relative(c['location'])}" for c in reply.citations]
+
+    console.print("[bold]agentkit chat[/] — /mode rag|pal|react, /sources, /history, /quit")
+    while True:
+        try:
+            line = console.input(f"[bold cyan]{state['mode']}>[/] ").strip()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line.startswith("/mode"):
+            choice = line.split()[-1]
+            if choice in ("rag", "pal", "react"):
+                state["mode"] = choice
+            else:
+                errors.print("modes: rag, pal, react")
+            continue
+        if line == "/sources":
+            console.print("\n".join(state["sources"]) or "no sources", highlight=False)
+            continue
+        if line == "/history":
+            for q, a in state["history"]:
+                console.print(f"[bold]you:[/] {q}\n[bold]agentkit:[/] {a}", highlight=False)
+            continue
+        try:
+            text, sources = (answer_remote if api_url else answer_in_process)(line)
+        except AgentkitError as error:
+            errors.print(f"[bold red]error:[/] {error}", highlight=False)
+            continue
+        state["sources"] = sources
+        state["history"].append((line, text))
+        console.print(text, highlight=False, markup=False)
 
 
 def main() -> None:

@@ -313,3 +313,18 @@ def test_history_is_trimmed_to_the_context(tmp_path: Path) -> None:
     kept = trim_to_budget(model, history, [{"role": "user", "content": "now"}], max_tokens=20)
     assert kept[-1]["content"] == "now" and len(kept) < 7
     assert model.count_tokens(kept) + 20 <= 60 and kept[0]["role"] == "user"
+
+
+def test_the_chat_cli_talks_to_the_api_with_modes_sources_and_history(api) -> None:
+    from typer.testing import CliRunner
+
+    from agentkit.cli import app as cli
+
+    running, _ = api
+    script = "Which module needs zlib?\n/sources\n/mode nope\n/mode pal\n/history\n/quit\n"
+    result = CliRunner().invoke(cli, ["chat", "--api-url", running.url], input=script)
+    assert result.exit_code == 0, result.output
+    assert "The aardvark module needs zlib [1]." in result.output
+    assert "[1] " in result.output and "guide/install.md" in result.output
+    assert "modes: rag, pal, react" in result.output and "pal>" in result.output
+    assert "you: Which module needs zlib?" in result.output
