@@ -137,11 +137,13 @@ class Sandbox:
         allowed_imports: Iterable[str] = DEFAULT_IMPORTS,
         precheck: bool = True,
         python_guards: bool = True,
+        landlock: bool = True,
     ) -> None:
         """``precheck``/``python_guards`` off leave only the OS layers (the security tests do)."""
         self.limits = Limits(timeout_s, memory_mb, max_output_chars, frozenset(allowed_imports))
         self.use_precheck = precheck
         self.python_guards = python_guards
+        self.use_landlock = landlock  # off: the fallback for kernels without it (tests)
         self.landlock_abi = 0
         self.runs = 0
         self.limit_hits: dict[str, int] = {}
@@ -158,7 +160,7 @@ class Sandbox:
             return
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
         self._process = subprocess.Popen(
-            [sys.executable, "-I", str(WORKER)],
+            [sys.executable, "-I", str(WORKER), *([] if self.use_landlock else ["--no-landlock"])],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
