@@ -238,6 +238,9 @@ def model_serve_command(
     max_model_len: Annotated[int | None, typer.Option(min=256)] = None,
     gpu_memory_utilization: Annotated[float | None, typer.Option(min=0.05, max=1.0)] = None,
     quantization: Annotated[str | None, typer.Option(help="e.g. awq, gptq, fp8.")] = None,
+    tool_call_parser: Annotated[
+        str | None, typer.Option(help="vLLM tool-call parser (embedded model: hermes).")
+    ] = None,
     dtype: Annotated[str | None, typer.Option(help="Default: float32 on CPU, auto on GPU.")] = None,
     max_restarts: Annotated[int, typer.Option(min=0)] = 3,
 ) -> None:
@@ -262,6 +265,7 @@ def model_serve_command(
             quantization=quantization,
             dtype=dtype,
             max_restarts=max_restarts,
+            tool_call_parser=tool_call_parser,
         )
         server = ModelServer(options, settings.cache_dir)
         signals.signal(signals.SIGTERM, lambda *_: server.stop())
@@ -416,6 +420,9 @@ def react_command(
     llm_url: LlmUrlOption = None,
     max_steps: Annotated[int, typer.Option(min=1, max=50)] = 8,
     no_structured: Annotated[bool, typer.Option(help="Parse steps without a regex.")] = False,
+    mode: Annotated[
+        str, typer.Option(help="text (Thought/Action) or tools (tool calls).")
+    ] = "text",
     as_json: JsonOption = False,
 ) -> None:
     """Answer with a ReAct agent (search / lookup / finish over the index), showing each step."""

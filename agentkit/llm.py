@@ -59,6 +59,15 @@ class Usage:
 
 
 @dataclass
+class ToolCall:
+    """A function call an OpenAI-style tool-calling model asked for (arguments: JSON text)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass
 class Completion:
     """A finished completion; ``texts`` has the ``n`` choices, ``text`` the first."""
 
@@ -67,6 +76,7 @@ class Completion:
     usage: Usage = field(default_factory=Usage)
     model: str = ""
     latency_s: float = 0.0
+    tool_calls: list[ToolCall] = field(default_factory=list)  # of the first choice
 
     @property
     def text(self) -> str:
@@ -249,6 +259,20 @@ class OpenAIChatModel:
     ) -> Completion:
         started = time.perf_counter()
         body = self._body(messages, stop, max_tokens, temperature, n, structured, False)
+        return parse_completion(self._send("POST", "/v1/chat/completions", body).json(), started)
+
+    def complete_tools(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> Completion:
+        """A completion that may call ``tools`` (OpenAI schema); vLLM needs a tool-call parser."""
+        started = time.perf_counter()
+        body = self._body(messages, None, max_tokens, temperature, 1, None, False)  # type: ignore[arg-type]
+        body["tools"], body["tool_choice"] = list(tools), "auto"
         return parse_completion(self._send("POST", "/v1/chat/completions", body).json(), started)
 
     async def acomplete(
@@ -449,7 +473,13 @@ def parse_completion(data: dict[str, Any], started: float) -> Completion:
     if not choices:
         raise LLMError(f"the model server returned no choices: {str(data)[:300]}")
     usage = data.get("usage") or {}
+    calls = (choices[0].get("message") or {}).get("tool_calls") or []
     return Completion(
+        tool_calls=[
+            ToolCall(c.get("id", ""), c["function"]["name"], c["function"].get("arguments") or "")
+            for c in calls
+            if c.get("function", {}).get("name")
+        ],
         texts=[(c.get("message") or {}).get("content") or "" for c in choices],
         finish_reason=choices[0].get("finish_reason"),
         usage=Usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)),

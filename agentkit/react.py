@@ -12,6 +12,7 @@ with an observation, not run again; at the step limit the agent falls back to a 
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -122,7 +123,9 @@ class ReAct:
         max_tokens: int = 160,
         prompt: str = "react_hotpotqa",
         on_step: Callable[[Step], None] | None = None,
+        mode: str = "text",
     ) -> None:
+        """``mode="tools"``: OpenAI-style tool calling instead of the Thought/Action text."""
         self.model, self.index, self.max_steps = model, index, max_steps
         self.extra_tools = list(tools)
         self.structured, self.max_tokens, self.prompt, self.on_step = (
@@ -133,6 +136,11 @@ class ReAct:
         )
         if max_steps < 1:
             raise AgentkitError("max_steps must be at least 1")
+        if mode not in ("text", "tools"):
+            raise AgentkitError(f"mode must be text or tools, not {mode!r}")
+        if mode == "tools" and not hasattr(model, "complete_tools"):
+            raise AgentkitError("mode='tools' needs a model with complete_tools (OpenAIChatModel)")
+        self.mode = mode
 
     def _registry(self) -> ToolRegistry:
         registry = ToolRegistry()
@@ -150,6 +158,9 @@ class ReAct:
         started = time.perf_counter()
         registry = self._registry()
         result = Trajectory(question)
+        if self.mode == "tools":
+            yield from self._tool_steps(question, registry, result, started)
+            return
         messages: list[Message] = load_messages(
             self.prompt, question=question, tools=registry.describe()
         )
@@ -218,6 +229,74 @@ class ReAct:
         if not result.finished:
             result.fallback = True
             result.answer = self._fallback(question)
+        result.seconds = time.perf_counter() - started
+        yield result
+
+    def _tool_steps(
+        self, question: str, registry: ToolRegistry, result: Trajectory, started: float
+    ) -> Iterator[Step | Trajectory]:
+        """The same loop with the model's native tool calls (vLLM: a --tool-call-parser)."""
+        messages: list[Any] = load_messages("react_tools", question=question)
+        schemas = [t.openai_schema() for t in registry]
+        previous: tuple[str, str] | None = None
+        for _ in range(self.max_steps):
+            t0 = time.perf_counter()
+            completion = self.model.complete_tools(  # type: ignore[attr-defined]
+                messages, schemas, max_tokens=self.max_tokens, temperature=0.0
+            )
+            result.usage.prompt_tokens += completion.usage.prompt_tokens
+            result.usage.completion_tokens += completion.usage.completion_tokens
+            t1 = time.perf_counter()
+            if not completion.tool_calls:  # an answer in words ends the episode
+                step = Step("", "finish", completion.text.strip(), completion.text.strip(), "")
+            else:
+                call = completion.tool_calls[0]
+                try:
+                    args: Any = json.loads(call.arguments or "{}")
+                except ValueError:
+                    args = call.arguments
+                argument = (
+                    str(next(iter(args.values()), "")) if isinstance(args, dict) else str(args)
+                )
+                tool = registry.get(call.name)
+                step = Step(completion.text.strip(), call.name, argument, "", call.arguments)
+                if tool is None:
+                    step.parse_failed = True
+                    step.observation = f"No tool {call.name}; tools: {registry.names()}"
+                elif tool.name == "finish":
+                    step.observation = argument
+                elif previous == (tool.name, argument.casefold()):
+                    step.observation = f"You just called {tool.name} with that; do something else."
+                else:
+                    try:
+                        step.observation = str(tool(args))[:MAX_OBSERVATION_CHARS]
+                    except Exception as error:
+                        step.observation, step.tool_error = f"Error from {tool.name}: {error}", True
+                previous = (call.name, argument.casefold())
+                messages += [
+                    {
+                        "role": "assistant",
+                        "content": completion.text or None,
+                        "tool_calls": [
+                            {
+                                "id": call.id,
+                                "type": "function",
+                                "function": {"name": call.name, "arguments": call.arguments},
+                            }
+                        ],
+                    },
+                    {"role": "tool", "tool_call_id": call.id, "content": step.observation},
+                ]
+            step.seconds = {"generate": t1 - t0, "tool": time.perf_counter() - t1}
+            result.steps.append(step)
+            if self.on_step:
+                self.on_step(step)
+            yield step
+            if step.action == "finish" and not step.parse_failed:
+                result.answer, result.finished = step.argument, True
+                break
+        if not result.finished:
+            result.fallback, result.answer = True, self._fallback(question)
         result.seconds = time.perf_counter() - started
         yield result
 

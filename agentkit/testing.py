@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentkit.errors import LLMError
-from agentkit.llm import Completion, Delta, Message, Structured, Usage
+from agentkit.llm import Completion, Delta, Message, Structured, ToolCall, Usage
 
 Script = Iterable[str] | Callable[..., str]
 
@@ -118,6 +118,24 @@ class ScriptedChatModel:
         kwargs = {"stop": stop, "max_tokens": max_tokens, "temperature": temperature}
         for delta in self.stream(messages, structured=structured, **kwargs):
             yield delta
+
+    def complete_tools(
+        self,
+        messages: Sequence[Any],
+        tools: Sequence[Any],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> Completion:
+        """A reply ``"name(json arguments)"`` from the script becomes a tool call."""
+        text = self._reply(messages, tools=tools, max_tokens=max_tokens, temperature=temperature)
+        match = re.fullmatch(r"(\w+)\((.*)\)", text.strip(), re.S)
+        if match is None:
+            return Completion(texts=[text], finish_reason="stop", model="scripted")
+        call = ToolCall(f"call_{len(self.calls)}", match.group(1), match.group(2))
+        return Completion(
+            texts=[""], finish_reason="tool_calls", model="scripted", tool_calls=[call]
+        )
 
     def count_tokens(self, messages: Sequence[Message]) -> int:
         return sum(count_words(m.get("content", "")) + 4 for m in messages) + 2

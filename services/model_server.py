@@ -44,6 +44,7 @@ class ServeOptions:
     quantization: str | None = None
     dtype: str | None = None
     api_key: str | None = None
+    tool_call_parser: str | None = None  # e.g. hermes (Qwen2.5); the embedded model gets hermes
     cpu_kv_cache_gb: int = 2
     extra_args: list[str] = field(default_factory=list)
     log_file: Path | None = None
@@ -108,6 +109,9 @@ def build_command(options: ServeOptions, model: str, served_name: str, device: s
     ):
         if value is not None:
             command += [flag, str(value)]
+    parser = options.tool_call_parser or (None if options.model else "hermes")
+    if parser:  # OpenAI-style tool calls (ReAct --mode tools)
+        command += ["--enable-auto-tool-choice", "--tool-call-parser", parser]
     if device == "cpu":
         command.append("--enforce-eager")  # no graph capture on CPU; starts in ~50 s here
     return command + list(options.extra_args)

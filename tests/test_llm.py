@@ -155,3 +155,33 @@ def test_requests_are_spread_over_replicas_and_a_dead_one_is_skipped() -> None:
             dead = f"http://127.0.0.1:{s.getsockname()[1]}"
             model = OpenAIChatModel([dead, a], model="fake", backoff_s=0.01)
             assert [model.complete(HELLO).text for _ in range(4)] == ["ok"] * 4
+
+
+def test_tool_calls_are_sent_and_parsed() -> None:
+    answer = {
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "tool_calls",
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "c1",
+                            "type": "function",
+                            "function": {"name": "search", "arguments": '{"entity": "Paris"}'},
+                        }
+                    ],
+                },
+            }
+        ],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 3},
+    }
+    with fake_server(lambda p, b, n: (200, JSON, json.dumps(answer).encode())) as (url, log):
+        tools = [{"type": "function", "function": {"name": "search", "parameters": {}}}]
+        done = client(url).complete_tools(HELLO, tools)
+    assert [(c.id, c.name, c.arguments) for c in done.tool_calls] == [
+        ("c1", "search", '{"entity": "Paris"}')
+    ]
+    assert log[0][1]["tools"] == tools and log[0][1]["tool_choice"] == "auto"

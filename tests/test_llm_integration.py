@@ -94,3 +94,23 @@ def test_cli_ask_prints_the_answer_and_its_cited_sources(llm_url: str, sample_in
         app, ["ask", QUESTION, "--index", str(sample_index), "--llm-url", llm_url]
     )
     assert result.exit_code == 0 and "release-notes.txt:1" in result.stdout
+
+
+def test_native_tool_calls_through_the_hermes_parser(llm_url: str) -> None:
+    from agentkit.tools.docs import finish
+    from agentkit.tools.registry import tool
+
+    @tool
+    def search(entity: str) -> str:
+        """Look up an entity in the documents."""
+        return entity
+
+    with OpenAIChatModel(llm_url) as model:
+        done = model.complete_tools(
+            [{"role": "user", "content": "Use the search tool to look up Paris."}],
+            [search.openai_schema(), finish.openai_schema()],
+            max_tokens=60,
+            temperature=0.0,
+        )
+    assert done.tool_calls and done.tool_calls[0].name == "search", done
+    assert "Paris" in done.tool_calls[0].arguments

@@ -200,3 +200,32 @@ def test_a_stuck_agent_samples_then_stops_and_falls_back(index: Index) -> None:
     assert len(result.steps) == 4 and result.fallback and result.answer == "RAG says hi."
     temperatures = [c.kwargs["temperature"] for c in model.calls[:4]]
     assert temperatures == [0.0, 0.0, 0.7, 0.7]
+
+
+def test_tools_mode_uses_the_models_tool_calls(index: Index) -> None:
+    model = ScriptedChatModel(
+        [
+            'search({"entity": "Great Locomotive Chase"})',
+            'search({"entity": "James J. Andrews"})',
+            'lookup({"keyword": "Kentucky"})',
+            'finish({"answer": "Kentucky"})',
+        ]
+    )
+    result = ReAct(model, index=index, mode="tools").run("Where was the raid's leader from?")
+    assert result.answer == "Kentucky" and result.finished
+    assert [(s.action, s.argument) for s in result.steps][:2] == [
+        ("search", "Great Locomotive Chase"),
+        ("search", "James J. Andrews"),
+    ]
+    last = model.calls[-1]
+    names = [t["function"]["name"] for t in last.kwargs["tools"]]
+    assert names == ["search", "lookup", "finish"]
+    assert last.messages[-1]["role"] == "tool" and last.messages[-1]["content"].startswith(
+        "(Result 1"
+    )
+    assert last.messages[-2]["tool_calls"][0]["function"]["name"] == "lookup"
+
+
+def test_tools_mode_takes_a_plain_answer_as_the_end(index: Index) -> None:
+    result = ReAct(ScriptedChatModel(["Kentucky."]), index=index, mode="tools").run("q")
+    assert result.answer == "Kentucky." and result.finished and len(result.steps) == 1
