@@ -18,8 +18,20 @@ from agentkit.llm import ChatModel, Message
 class Fitted:
     messages: list[Message]
     kept: int  # how many of the sources made it into the prompt
-    prompt_tokens: int
+    prompt_tokens: int  # exact, or an upper bound when the bound alone showed it fits
     max_tokens: int  # room left for the answer (may be less than asked, never more)
+
+
+TEMPLATE_TOKENS = 64  # chat-template markers and a default system prompt, generously
+MESSAGE_TOKENS = 16
+
+
+def token_upper_bound(messages: list[Message]) -> int:
+    """No tokenizer we serve makes more tokens than UTF-8 bytes (byte-level BPE, and
+    SentencePiece with byte fallback), so bytes plus the template overhead bound the count."""
+    return TEMPLATE_TOKENS + sum(
+        len(m.get("content", "").encode()) + MESSAGE_TOKENS for m in messages
+    )
 
 
 def fit_prompt(
@@ -35,6 +47,9 @@ def fit_prompt(
     kept = n_sources
     while True:
         messages = build(kept)
+        bound = token_upper_bound(messages)
+        if bound + max_tokens <= context:  # certainly fits: no round trip to /tokenize
+            return Fitted(messages, kept, bound, max_tokens)
         used = model.count_tokens(messages)
         room = context - used
         if room >= max_tokens:

@@ -103,3 +103,18 @@ def test_prompt_files_render_and_missing_fields_are_errors() -> None:
     assert messages[0]["role"] == "system" and messages[-1]["content"].endswith("Question: Q?")
     with pytest.raises(Exception, match="question"):
         load_messages("rag_answer", sources="x")
+
+
+def test_a_prompt_that_surely_fits_needs_no_tokenize_round_trip() -> None:
+    from agentkit.budget import fit_prompt, token_upper_bound
+
+    class NoTokenize(ScriptedChatModel):
+        def count_tokens(self, messages):
+            raise AssertionError("asked the server")
+
+    messages = [{"role": "user", "content": "é" * 100}]
+    assert token_upper_bound(messages) >= 200  # bytes, not characters
+    fitted = fit_prompt(NoTokenize([], context_length=1000), lambda kept: messages, 0, 100)
+    assert fitted.max_tokens == 100 and fitted.prompt_tokens == token_upper_bound(messages)
+    with pytest.raises(AssertionError, match="asked the server"):
+        fit_prompt(NoTokenize([], context_length=300), lambda kept: messages, 0, 100)
