@@ -24,7 +24,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from agentkit.errors import AgentkitError, InvalidQueryError
+from agentkit.errors import (
+    AgentkitError,
+    ContextBudgetError,
+    InvalidQueryError,
+    LLMError,
+    ToolError,
+)
 from agentkit.llm import ChatModel
 from agentkit.rag import RAG, Answer
 from agentkit.retrievers import Index
@@ -105,6 +111,20 @@ class Metrics:
         self.sandbox = Counter("agentkit_sandbox_runs", "Sandbox runs", ["outcome"], registry=r)
 
 
+class LockedIndex:
+    """An Index whose searches wait while a background job writes to it."""
+
+    def __init__(self, index: Index, lock: threading.Lock) -> None:
+        self._index, self._lock = index, lock
+
+    def search(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return self._index.search(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._index, name)
+
+
 def error_body(message: str, kind: str, code: int) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
@@ -122,7 +142,8 @@ def create_app(
     metrics = Metrics()
     app = FastAPI(title="agentkit", version="0.1.0")
     app.state.model, app.state.index, app.state.metrics = model, index, metrics
-    index_lock = threading.Lock()  # one SQLite connection: serialise searches across threads
+    index_lock = threading.Lock()  # index writes (jobs) exclude searches; generation runs free
+    shared = LockedIndex(index, index_lock) if index is not None else None
     buckets: dict[str, list[float]] = {}
     box = sandbox or Sandbox()
     jobs: dict[str, dict[str, Any]] = {}
@@ -190,7 +211,11 @@ def create_app(
 
     @app.exception_handler(AgentkitError)
     async def ours(request: Request, error: AgentkitError) -> JSONResponse:
-        status = 400 if isinstance(error, InvalidQueryError) else 503
+        status = 503  # the model server is down or unusable
+        if isinstance(error, (InvalidQueryError, ContextBudgetError, ToolError)):
+            status = 400
+        elif isinstance(error, LLMError):
+            status = 502  # the model server refused the request
         return JSONResponse(error_body(str(error), type(error).__name__, status), status)
 
     @app.exception_handler(Exception)
@@ -413,8 +438,7 @@ def create_app(
 
     def run_agent(body: ChatRequest, question: str) -> tuple[list[str], dict, tuple[int, int]]:
         if body.model == "agentkit-rag":
-            with index_lock:
-                answer = RAG(index, model, max_tokens=body.max_tokens or 384).ask(question)  # type: ignore[arg-type]
+            answer = RAG(shared, model, max_tokens=body.max_tokens or 384).ask(question)  # type: ignore[arg-type]
             extra = {
                 "citations": [c.to_dict() for c in answer.citations],
                 "invalid_citations": answer.invalid_citations,
@@ -438,8 +462,7 @@ def create_app(
         if body.model == "agentkit-react":
             from agentkit.react import ReAct
 
-            with index_lock:
-                result = ReAct(model, index=index).run(question)
+            result = ReAct(model, index=shared).run(question)  # type: ignore[arg-type]
             metrics.steps.inc(len(result.steps))
             return (
                 [result.answer],
@@ -473,13 +496,12 @@ def create_app(
         elif body.model == "agentkit-react":
             from agentkit.react import ReAct, Step
 
-            with index_lock:
-                for item in ReAct(model, index=index).steps(question):
-                    if isinstance(item, Step):
-                        metrics.steps.inc()
-                        yield "", {"step": item.to_dict()}
-                    else:
-                        yield item.answer, None
+            for item in ReAct(model, index=shared).steps(question):  # type: ignore[arg-type]
+                if isinstance(item, Step):
+                    metrics.steps.inc()
+                    yield "", {"step": item.to_dict()}
+                else:
+                    yield item.answer, None
         elif body.model == "agentkit-pal":
             texts, extra, _ = run_agent(body, question)
             yield "", extra
