@@ -481,18 +481,13 @@ def create_app(
     def stream_events(body: ChatRequest, question: str) -> Iterator[tuple[str, dict | None]]:
         """(text piece, extra) events; the API's SSE framing wraps them."""
         if body.model == "agentkit-rag":
-            with index_lock:
-                for item in RAG(index, model, max_tokens=body.max_tokens or 384).stream(question):  # type: ignore[arg-type]
-                    if isinstance(item, Answer):
-                        yield (
-                            "",
-                            {
-                                "citations": [c.to_dict() for c in item.citations],
-                                "invalid_citations": item.invalid_citations,
-                            },
-                        )
-                    else:
-                        yield item, None
+            rag = RAG(shared, model, max_tokens=body.max_tokens or 384)  # type: ignore[arg-type]
+            for item in rag.stream(question):
+                if isinstance(item, Answer):
+                    citations = [c.to_dict() for c in item.citations]
+                    yield "", {"citations": citations, "invalid_citations": item.invalid_citations}
+                else:
+                    yield item, None
         elif body.model == "agentkit-react":
             from agentkit.react import ReAct, Step
 
