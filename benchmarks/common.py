@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agentkit.retrievers.types import LoadedDocument
+from agentkit.evaluation import load_hotpotqa  # noqa: F401  (re-exported for the benchmarks)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -28,31 +28,6 @@ def write_result(name: str, data: dict[str, Any]) -> Path:
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(json.dumps(payload, indent=2))
     return path
-
-
-def load_hotpotqa(path: Path) -> tuple[list[dict[str, Any]], list[LoadedDocument]]:
-    """Questions, and every paragraph of every question as one document per title."""
-    questions, paragraphs = [], {}
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        item = json.loads(line)
-        questions.append(item)
-        for title, sentences in item["context"]:
-            paragraphs.setdefault(title, " ".join(s.strip() for s in sentences))
-    docs = [
-        LoadedDocument(
-            source=title,
-            text=text,
-            title=title,
-            format="txt",
-            content_hash=str(hash(text)),
-            root="hotpotqa",
-            has_lines=False,
-        )
-        for title, text in paragraphs.items()
-    ]
-    return questions, docs
 
 
 def relevant_titles(question: dict[str, Any]) -> set[str]:
