@@ -169,18 +169,24 @@ class ReAct:
         repeats = 0
         for _ in range(self.max_steps):
             t0 = time.perf_counter()
-            completion = self.model.complete(
-                messages,
-                stop=["\nObservation"],
-                max_tokens=self.max_tokens,
-                temperature=0.7 if repeats else 0.0,  # greedy decoding repeats itself: sample
-                structured=constraint,
-            )
-            result.usage.prompt_tokens += completion.usage.prompt_tokens
-            result.usage.completion_tokens += completion.usage.completion_tokens
-            raw = completion.text.strip()
+            # greedy decoding repeats itself: after a repeat, sample. A sampled thought can run
+            # past max_tokens before its Action line (the regex cannot bound it: xgrammar times
+            # out on {m,n}); such a step is drawn again, greedily, before it counts as a failure.
+            parsed = None
+            for temperature in [0.7, 0.0] if repeats else [0.0]:
+                completion = self.model.complete(
+                    messages,
+                    stop=["\nObservation"],
+                    max_tokens=self.max_tokens,
+                    temperature=temperature,
+                    structured=constraint,
+                )
+                result.usage.prompt_tokens += completion.usage.prompt_tokens
+                result.usage.completion_tokens += completion.usage.completion_tokens
+                raw = completion.text.strip()
+                if (parsed := parse_step(raw)) is not None:
+                    break
             t1 = time.perf_counter()
-            parsed = parse_step(raw)
             tool = registry.get(parsed[1]) if parsed else None
             if parsed is None or tool is None:
                 step = Step(

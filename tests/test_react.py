@@ -229,3 +229,17 @@ def test_tools_mode_uses_the_models_tool_calls(index: Index) -> None:
 def test_tools_mode_takes_a_plain_answer_as_the_end(index: Index) -> None:
     result = ReAct(ScriptedChatModel(["Kentucky."]), index=index, mode="tools").run("q")
     assert result.answer == "Kentucky." and result.finished and len(result.steps) == 1
+
+
+def test_a_sampled_step_cut_off_before_its_action_is_drawn_again_greedily(index: Index) -> None:
+    stuck = "Thought: t\nAction: search[Andrews (surname)]"
+
+    def reply(messages, **kw):
+        if not kw.get("structured"):
+            return "fallback"
+        return "Thought: a very long thought that never" if kw["temperature"] > 0 else stuck
+
+    model = ScriptedChatModel(reply, check_structured=False)
+    result = ReAct(model, index=index).run("q")
+    assert result.parse_failures == 0 and len(result.steps) == 4
+    assert [c.kwargs["temperature"] for c in model.calls[:5]] == [0.0, 0.0, 0.7, 0.0, 0.7]
