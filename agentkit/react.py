@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentkit.errors import AgentkitError
-from agentkit.llm import ChatModel, Message, Structured, Usage
+from agentkit.llm import ChatModel, Message, Structured, ToolCall, Usage
 from agentkit.prompts import load_messages
 from agentkit.retrievers import Index
 from agentkit.tools.docs import DocumentExplorer, finish
@@ -101,6 +101,24 @@ def parse_step(text: str) -> tuple[str, str, str] | None:
     else:
         return None
     return (thought.group(1).strip() if thought else ""), name, rest.strip().strip("\"'")
+
+
+def tool_call_from_text(text: str, names: Iterable[str]) -> ToolCall | None:
+    """A call written into the content as JSON ({"name", "arguments"}, fenced or in
+    <tool_call> tags) that the server's tool-call parser missed: small models do this."""
+    match = re.search(r"\{.*\}", text, re.S)
+    if match is None:
+        return None
+    try:
+        data = json.loads(match.group(0))
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or data.get("name") not in set(names):
+        return None
+    args = data.get("arguments", data.get("parameters", {}))
+    return ToolCall(
+        "call_from_text", data["name"], args if isinstance(args, str) else json.dumps(args)
+    )
 
 
 def step_regex(names: Iterable[str]) -> str:
@@ -253,10 +271,12 @@ class ReAct:
             result.usage.prompt_tokens += completion.usage.prompt_tokens
             result.usage.completion_tokens += completion.usage.completion_tokens
             t1 = time.perf_counter()
-            if not completion.tool_calls:  # an answer in words ends the episode
+            recovered = tool_call_from_text(completion.text, registry.names())
+            calls = completion.tool_calls or ([recovered] if recovered else [])
+            if not calls:  # an answer in words ends the episode
                 step = Step("", "finish", completion.text.strip(), completion.text.strip(), "")
             else:
-                call = completion.tool_calls[0]
+                call = calls[0]
                 try:
                     args: Any = json.loads(call.arguments or "{}")
                 except ValueError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 
 import pytest
@@ -243,3 +244,18 @@ def test_a_sampled_step_cut_off_before_its_action_is_drawn_again_greedily(index:
     result = ReAct(model, index=index).run("q")
     assert result.parse_failures == 0 and len(result.steps) == 4
     assert [c.kwargs["temperature"] for c in model.calls[:5]] == [0.0, 0.0, 0.7, 0.0, 0.7]
+
+
+def test_tool_calls_written_as_json_in_the_content_are_recovered() -> None:
+    from agentkit.react import tool_call_from_text
+
+    fenced = '```json\n{\n  "name": "search",\n  "arguments": {"entity": "Paris"}\n}\n```'
+    call = tool_call_from_text(fenced, ["search", "finish"])
+    assert call is not None and (call.name, json.loads(call.arguments)) == (
+        "search",
+        {"entity": "Paris"},
+    )
+    tagged = '<tool_call>{"name": "finish", "arguments": "done"}</tool_call>'
+    assert tool_call_from_text(tagged, ["finish"]).arguments == "done"
+    assert tool_call_from_text('{"name": "rm", "arguments": {}}', ["search"]) is None
+    assert tool_call_from_text("Paris is in France.", ["search"]) is None
