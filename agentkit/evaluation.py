@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import statistics
@@ -127,7 +128,7 @@ def load_hotpotqa(path: Path, limit: int | None = None) -> tuple[list[dict[str, 
             text=text,
             title=title,
             format="txt",
-            content_hash=str(hash(text)),
+            content_hash=hashlib.sha1(text.encode()).hexdigest(),
             root="hotpotqa",
             has_lines=False,
         )

@@ -121,3 +121,50 @@ def test_eval_gsm8k_counts_accuracy_and_errors(tmp_path: Path) -> None:
     ]
     cot = ScriptedChatModel(lambda m, **kw: "So 6.\nThe answer is 6.")
     assert eval_gsm8k(cot, data, mode="cot", limit=2)["accuracy"] == 0.5
+
+
+def test_hotpotqa_scoring_uses_the_standard_normalisation() -> None:
+    from agentkit.evaluation import f1_score, normalize_answer
+
+    assert normalize_answer("The  Beatles!") == "beatles"
+    assert f1_score("the Beatles", "Beatles") == 1.0
+    assert f1_score("San Juan", "San Juan, San Luis and Mendoza") == pytest.approx(
+        2 * 1 * 0.4 / 1.4
+    )
+    assert f1_score("yes", "no") == 0.0 and f1_score("no", "no") == 1.0
+
+
+def test_eval_hotpotqa_reports_every_summary_key(tmp_path: Path, settings, embedder, monkeypatch):
+    from agentkit import Index
+    from agentkit.evaluation import eval_hotpotqa
+
+    rows = [
+        {
+            "question": "Who led the raid?",
+            "answer": "James Andrews",
+            "context": [["Raid", ["The raid was led by James Andrews."]], ["Other", ["Filler."]]],
+        }
+    ]
+    data = tmp_path / "h.jsonl"
+    data.write_text(json.dumps(rows[0]))
+    original = Index.open_or_create.__func__
+
+    def with_fake_embedder(cls, path=None, **kw):
+        return original(cls, path, settings=settings, embedder=embedder)
+
+    monkeypatch.setattr(Index, "open_or_create", classmethod(with_fake_embedder))
+    model = ScriptedChatModel(
+        ["Thought: t\nAction: search[Raid]", "Thought: t\nAction: finish[James Andrews]"]
+    )
+    report = eval_hotpotqa(model, data, tmp_path / "idx", mode="react")
+    assert {
+        "exact_match",
+        "f1",
+        "parse_failures",
+        "tool_errors",
+        "fallbacks",
+        "mean_steps",
+        "mean_latency_s",
+        "records",
+    } <= set(report)
+    assert report["exact_match"] == 1.0 and report["mean_steps"] == 2 and report["fallbacks"] == 0
