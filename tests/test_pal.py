@@ -128,9 +128,7 @@ def test_hotpotqa_scoring_uses_the_standard_normalisation() -> None:
 
     assert normalize_answer("The  Beatles!") == "beatles"
     assert f1_score("the Beatles", "Beatles") == 1.0
-    assert f1_score("San Juan", "San Juan, San Luis and Mendoza") == pytest.approx(
-        2 * 1 * 0.4 / 1.4
-    )
+    assert f1_score("San Juan", "San Juan, San Luis and Mendoza") == pytest.approx(0.5)
     assert f1_score("yes", "no") == 0.0 and f1_score("no", "no") == 1.0
 
 
