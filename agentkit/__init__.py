@@ -32,7 +32,7 @@ from agentkit.retrievers import (
 from agentkit.settings import Settings, get_settings
 from agentkit.testing import ScriptedChatModel
 from agentkit.tools.registry import Tool, ToolRegistry, from_langchain, tool
-from agentkit.tools.sandbox import Sandbox, SandboxResult
+from agentkit.tools.sandbox import Sandbox, SandboxResult, python_tool
 
 __version__ = "0.1.0"
 
@@ -44,5 +44,5 @@ __all__ = [
     "ModelServerError", "OpenAIChatModel", "PALAnswer", "ReAct", "Sandbox", "SandboxError",
     "SandboxResult", "ScriptedChatModel", "Settings", "Step", "Structured", "SyncSummary", "Tool",
     "ToolError", "ToolRegistry", "Trajectory", "Usage", "connect", "from_langchain",
-    "get_settings", "index_folder", "register_loader", "tool",
+    "get_settings", "index_folder", "python_tool", "register_loader", "tool",
 ]

@@ -146,3 +146,19 @@ def test_cli_prints_the_result_as_json(tmp_path: Path) -> None:
     assert data["error_type"] == "exception" and "ZeroDivisionError" in data["error"]
     missing = CliRunner().invoke(app, ["sandbox", "run", str(tmp_path / "nope.py")])
     assert missing.exit_code == 1 and "is not a file" in missing.output
+
+
+def test_the_python_tool_runs_expressions_and_programs_for_agents(box: Sandbox) -> None:
+    from agentkit.react import ReAct
+    from agentkit.testing import ScriptedChatModel
+    from agentkit.tools.sandbox import python_tool
+
+    python = python_tool(box)
+    assert python("17 * 23 + 4") == "395"
+    assert python("def solution():\n    return [1, 2]") == "[1, 2]"
+    assert python("__import__('os')").startswith("Error (forbidden)")
+    model = ScriptedChatModel(
+        ["Thought: t\nAction: python[2 ** 10]", "Thought: t\nAction: finish[1024]"]
+    )
+    result = ReAct(model, [python]).run("What is 2 to the 10th?")
+    assert result.steps[0].observation == "1024" and result.answer == "1024"

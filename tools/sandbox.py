@@ -281,3 +281,22 @@ class Sandbox:
             self._kill()
         except Exception:
             pass
+
+
+def python_tool(sandbox: Sandbox | None = None) -> Any:
+    """A ``python[...]`` tool for agents: a ``def solution():`` program, or one expression
+    (``python[17 * 23 + 4]``); the result, or the sandbox's error, is the observation."""
+    from agentkit.tools.registry import tool
+
+    box = sandbox or Sandbox()
+
+    @tool(name="python")
+    def run_python(code: str) -> str:
+        """python[code]: run a def solution(): program or one expression in the sandbox."""
+        program = code if "def solution" in code else f"def solution():\n    return ({code})\n"
+        result = box.run(program)
+        if not result.ok:
+            return f"Error ({result.error_type}): {result.error}"
+        return json.dumps(result.value, ensure_ascii=False)
+
+    return run_python
