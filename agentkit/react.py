@@ -176,9 +176,24 @@ class ReAct:
         started = time.perf_counter()
         registry = self._registry()
         result = Trajectory(question)
-        if self.mode == "tools":
-            yield from self._tool_steps(question, registry, result, started)
-            return
+        loop = self._tool_loop if self.mode == "tools" else self._text_loop
+        for step in loop(question, registry, result):
+            result.steps.append(step)
+            if self.on_step:
+                self.on_step(step)
+            yield step
+            if step.action == "finish" and not step.parse_failed:
+                result.answer, result.finished = step.argument, True
+                break
+        if not result.finished:
+            result.fallback, result.answer = True, self._fallback(question)
+        result.seconds = time.perf_counter() - started
+        yield result
+
+    def _text_loop(
+        self, question: str, registry: ToolRegistry, result: Trajectory
+    ) -> Iterator[Step]:
+        """Thought/Action steps, constrained by a regex when ``structured``; stops when stuck."""
         messages: list[Message] = load_messages(
             self.prompt, question=question, tools=registry.describe()
         )
@@ -236,29 +251,18 @@ class ReAct:
                         step.tool_error = True
                 previous = (tool.name, argument.casefold())
             step.seconds = {"generate": t1 - t0, "tool": time.perf_counter() - t1}
-            result.steps.append(step)
-            if self.on_step:
-                self.on_step(step)
             yield step
-            if step.action == "finish" and not step.parse_failed:
-                result.answer, result.finished = step.argument, True
-                break
             if repeats >= 3:  # stuck: more steps will not help, the fallback might
-                break
+                return
             messages = [
                 *messages,
                 {"role": "assistant", "content": raw},
                 {"role": "user", "content": f"Observation: {step.observation}"},
             ]
-        if not result.finished:
-            result.fallback = True
-            result.answer = self._fallback(question)
-        result.seconds = time.perf_counter() - started
-        yield result
 
-    def _tool_steps(
-        self, question: str, registry: ToolRegistry, result: Trajectory, started: float
-    ) -> Iterator[Step | Trajectory]:
+    def _tool_loop(
+        self, question: str, registry: ToolRegistry, result: Trajectory
+    ) -> Iterator[Step]:
         """The same loop with the model's native tool calls (vLLM: a --tool-call-parser)."""
         messages: list[Any] = load_messages("react_tools", question=question)
         schemas = [t.openai_schema() for t in registry]
@@ -314,17 +318,7 @@ class ReAct:
                     {"role": "tool", "tool_call_id": call.id, "content": step.observation},
                 ]
             step.seconds = {"generate": t1 - t0, "tool": time.perf_counter() - t1}
-            result.steps.append(step)
-            if self.on_step:
-                self.on_step(step)
             yield step
-            if step.action == "finish" and not step.parse_failed:
-                result.answer, result.finished = step.argument, True
-                break
-        if not result.finished:
-            result.fallback, result.answer = True, self._fallback(question)
-        result.seconds = time.perf_counter() - started
-        yield result
 
     def _fallback(self, question: str) -> str:
         if self.index is None:
