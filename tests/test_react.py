@@ -259,3 +259,21 @@ def test_tool_calls_written_as_json_in_the_content_are_recovered() -> None:
     assert tool_call_from_text(tagged, ["finish"]).arguments == "done"
     assert tool_call_from_text('{"name": "rm", "arguments": {}}', ["search"]) is None
     assert tool_call_from_text("Paris is in France.", ["search"]) is None
+
+
+def test_titles_are_read_again_only_when_the_index_changes(index: Index) -> None:
+    assert DocumentExplorer(index).search("Kestrel").startswith("Could not find")
+    index.add_documents(
+        [
+            LoadedDocument(
+                source="Kestrel",
+                text="A kestrel is a falcon.",
+                title="Kestrel",
+                format="txt",
+                content_hash="k",
+                root="r",
+                has_lines=False,
+            )
+        ]
+    )
+    assert DocumentExplorer(index).search("Kestrel") == "A kestrel is a falcon."

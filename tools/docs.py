@@ -44,11 +44,7 @@ class DocumentExplorer:
         self._keyword: str | None = None
         self._matches: list[str] = []
         self._cursor = 0
-        rows = index.store.db.execute("SELECT id, title FROM documents").fetchall()
-        self._exact = {title: doc_id for doc_id, title in rows}
-        self._loose: dict[str, int] = {}
-        for doc_id, title in rows:
-            self._loose.setdefault(normalize_title(title), doc_id)
+        self._exact, self._loose = title_maps(index)
 
     def document_text(self, doc_id: int) -> str:
         """The document's text rebuilt from its chunks (overlaps removed)."""
