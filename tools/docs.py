@@ -34,6 +34,23 @@ def sentences(text: str) -> list[str]:
     return out
 
 
+_TITLES: dict[str, tuple[int, dict[str, int], dict[str, int]]] = {}
+
+
+def title_maps(index: Index) -> tuple[dict[str, int], dict[str, int]]:
+    """Document ids by exact and by normalised title, read once per index generation rather
+    than once per episode (an API serves many episodes over one index)."""
+    key, generation = str(index.path), index.store.generation
+    cached = _TITLES.get(key)
+    if cached is None or cached[0] != generation:
+        rows = index.store.db.execute("SELECT id, title FROM documents").fetchall()
+        loose: dict[str, int] = {}
+        for doc_id, title in rows:
+            loose.setdefault(normalize_title(title), doc_id)
+        cached = _TITLES[key] = (generation, {title: doc_id for doc_id, title in rows}, loose)
+    return cached[1], cached[2]
+
+
 class DocumentExplorer:
     """The per-episode state behind search/lookup: the current document and lookup cursor."""
 
