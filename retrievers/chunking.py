@@ -53,6 +53,11 @@ class Section:
     start: int
 
 
+def heading_title(text: str) -> str:
+    """A heading's text without a trailing attribute list such as ``{ #anchor }``."""
+    return _ATTRIBUTES.sub("", text).strip() or text.strip()
+
+
 def markdown_sections(text: str) -> list[Section]:
     """Split Markdown at ATX headings outside code fences; each section keeps its heading line."""
     sections: list[Section] = []
@@ -67,7 +72,7 @@ def markdown_sections(text: str) -> list[Section]:
             if text[start:offset].strip():
                 sections.append(Section(heading, text[start:offset], start))
             level = len(match.group(1))
-            title = _ATTRIBUTES.sub("", match.group(2)) or match.group(2)
+            title = heading_title(match.group(2))
             path = [(lvl, h) for lvl, h in path if lvl < level] + [(level, title)]
             heading = " > ".join(h for _, h in path)
             start = offset
@@ -78,8 +83,16 @@ def markdown_sections(text: str) -> list[Section]:
 
 
 def chunk_prefix(title: str, heading: str, counter: TokenCounter) -> str:
-    """The context line embedded before a chunk: its title and heading path, capped in tokens."""
-    prefix = title if not heading or heading == title else f"{title} > {heading}"
+    """The context line embedded before a chunk: its title and heading path, capped in tokens.
+
+    A heading path that starts with the title (the usual H1) is not preceded by it again.
+    """
+    if not heading:
+        prefix = title
+    elif heading == title or heading.startswith(f"{title} > "):
+        prefix = heading
+    else:
+        prefix = f"{title} > {heading}"
     if counter.count(prefix) > MAX_PREFIX_TOKENS:
         prefix = counter.cut(prefix, MAX_PREFIX_TOKENS)[0]
     return prefix.strip()

@@ -2,10 +2,10 @@
 
 The ``onnx-int8`` backend exports the model's transformer once to ONNX (cached under the
 agentkit cache folder), quantises its weights to int8 per channel, and applies the model's own
-pooling and normalisation in NumPy. On CPUs without AVX-512 it is ~1.5x the throughput of
-fp32 torch with cosine ~0.99 to its vectors; `benchmarks/bench_retrieval_quality.py` shows its
-effect on recall. Models that this backend cannot reproduce fall back to torch, and the
-backend actually used is recorded in the index manifest.
+pooling and normalisation in NumPy. On 2 AVX2 cores it encodes ~2x as fast as fp32 torch, with
+cosine ~0.99 to its vectors; `benchmarks/bench_retrieval_quality.py` shows its effect on recall.
+Models that this backend cannot reproduce fall back to torch, and the backend actually used is
+recorded in the index manifest.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,6 +169,17 @@ class _TorchEncoder:
 
 
 class _OnnxEncoder:
+    """ONNX Runtime sessions that encode length-sorted batches side by side.
+
+    Several single-threaded sessions (one per core, up to two by default), each fed whole
+    batches of about ``BATCH_TOKENS`` tokens, beat one session that splits every matrix over
+    the cores: small batches stay in cache, and the non-GEMM operators run in parallel too.
+    Measured on 2 AVX2 cores: 2x1 threads at 1,024 tokens per batch is ~25% faster than
+    1x2 threads at 8,192.
+    """
+
+    BATCH_TOKENS = 1024
+
     def __init__(self, model_dir: Path, pooling: PoolingConfig, cache_dir: Path) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -181,38 +194,55 @@ class _OnnxEncoder:
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(self.max_tokens)
         onnx_path = export_int8_onnx(model_dir, cache_dir)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(
-            str(onnx_path), options, providers=["CPUExecutionProvider"]
-        )
-        self.input_names = {i.name for i in self.session.get_inputs()}
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        cores = max(1, cores or 1)
+        n_sessions = min(2, cores)
+        self.sessions: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(n_sessions):
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.intra_op_num_threads = max(1, cores // n_sessions)
+            options.inter_op_num_threads = 1
+            session = ort.InferenceSession(
+                str(onnx_path), options, providers=["CPUExecutionProvider"]
+            )
+            self.sessions.put(session)
+        self.input_names = {i.name for i in session.get_inputs()}
+        self.pool = ThreadPoolExecutor(n_sessions, thread_name_prefix="agentkit-embed")
         self.dim = int(json.loads((model_dir / "config.json").read_text())["hidden_size"])
 
     def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
         encodings = self.tokenizer.encode_batch(texts)
         order = np.argsort([-len(e.ids) for e in encodings], kind="stable")
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        max_batch_tokens = batch_size * self.max_tokens
-        start = 0
-        while start < len(order):  # length-sorted batches holding a fixed number of tokens
-            longest = len(encodings[order[start]].ids)
-            size = max(1, min(len(order) - start, max_batch_tokens // max(longest, 1)))
-            batch = order[start : start + size]
-            out[batch] = self._encode_batch([encodings[i] for i in batch], longest)
+        batches, start = [], 0
+        while start < len(order):  # length-sorted batches of about BATCH_TOKENS tokens
+            longest = max(len(encodings[order[start]].ids), 1)
+            size = max(1, min(len(order) - start, batch_size, self.BATCH_TOKENS // longest))
+            batches.append(order[start : start + size])
             start += size
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        if len(batches) == 1:
+            out[batches[0]] = self._encode_batch([encodings[i] for i in batches[0]])
+            return out
+        results = self.pool.map(lambda b: self._encode_batch([encodings[i] for i in b]), batches)
+        for batch, vectors in zip(batches, results, strict=True):
+            out[batch] = vectors
         return out
 
-    def _encode_batch(self, encodings: list, length: int) -> np.ndarray:  # noqa: ANN001
+    def _encode_batch(self, encodings: list) -> np.ndarray:  # noqa: ANN001
+        length = max(len(e.ids) for e in encodings)
         ids = np.zeros((len(encodings), length), dtype=np.int64)
         mask = np.zeros_like(ids)
         for row, encoding in enumerate(encodings):
             ids[row, : len(encoding.ids)] = encoding.ids
             mask[row, : len(encoding.ids)] = 1
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-        hidden = self.session.run(None, {k: v for k, v in feeds.items() if k in self.input_names})[
-            0
-        ]
+        session = self.sessions.get()
+        try:
+            outputs = session.run(None, {k: v for k, v in feeds.items() if k in self.input_names})
+        finally:
+            self.sessions.put(session)
+        hidden = outputs[0]
         if self.pooling.mode == "cls":
             vectors = hidden[:, 0]
         else:

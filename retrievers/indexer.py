@@ -14,8 +14,11 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from agentkit.errors import AgentkitError, InvalidPathError
 
@@ -36,7 +39,11 @@ class ChunkingParams:
 
 
 class _Ingest:
-    """Queues chunked documents and writes them, embedded, in batches."""
+    """Queues chunked documents and writes them, embedded, in batches.
+
+    A batch is embedded in the background while the next one is read and chunked; the
+    SQLite writes stay on the calling thread. At most two batches are held at once.
+    """
 
     def __init__(
         self, store: IndexStore, embedder: Embedder, params: ChunkingParams, summary: SyncSummary
@@ -44,6 +51,8 @@ class _Ingest:
         self.store, self.embedder, self.params, self.summary = store, embedder, params, summary
         self.pending: list[tuple[LoadedDocument, int | None, list[ChunkSpan]]] = []
         self.pending_chunks = 0
+        self.in_flight: tuple[list, Future[np.ndarray]] | None = None
+        self.background = ThreadPoolExecutor(1, thread_name_prefix="agentkit-ingest")
         self._counter: TokenCounter | None = None
 
     def add(self, doc: LoadedDocument, replaces: int | None) -> None:
@@ -58,13 +67,23 @@ class _Ingest:
         self.pending.append((doc, replaces, spans))
         self.pending_chunks += len(spans)
         if self.pending_chunks >= EMBED_BATCH_CHUNKS:
-            self.flush()
+            self._submit()
 
-    def flush(self) -> None:
+    def _submit(self) -> None:
+        """Start embedding the pending documents, after writing the batch before them."""
+        self._write_in_flight()
         texts = [span.embedding_text for _, _, spans in self.pending for span in spans]
-        vectors = self.embedder.embed(texts)
+        self.in_flight = (self.pending, self.background.submit(self.embedder.embed, texts))
+        self.pending, self.pending_chunks = [], 0
+
+    def _write_in_flight(self) -> None:
+        if self.in_flight is None:
+            return
+        batch, future = self.in_flight
+        self.in_flight = None
+        vectors = future.result()
         offset = 0
-        for doc, replaces, spans in self.pending:
+        for doc, replaces, spans in batch:
             if replaces is not None:
                 self.store.remove_documents([replaces])
             self.store.add_document(
@@ -73,8 +92,20 @@ class _Ingest:
             offset += len(spans)
             self.summary.updated += replaces is not None
             self.summary.added += replaces is None
-        self.summary.chunks_embedded += len(texts)
-        self.pending, self.pending_chunks = [], 0
+        self.summary.chunks_embedded += len(vectors)
+
+    def flush(self) -> None:
+        """Embed and write everything queued."""
+        if self.pending:
+            self._submit()
+        self._write_in_flight()
+
+    def __enter__(self) -> _Ingest:
+        return self
+
+    def __exit__(self, error_type: type[BaseException] | None, *_: object) -> None:
+        # On an error, do not wait for a batch whose writes will be rolled back anyway.
+        self.background.shutdown(wait=error_type is None, cancel_futures=True)
 
 
 def document_row(doc: LoadedDocument) -> dict[str, object]:
@@ -146,8 +177,7 @@ def sync_folder(
             f"{folder} holds no files to index (looked for {', '.join(sorted(extensions))})"
         )
     seen: set[str] = set()
-    with store.transaction():
-        ingest = _Ingest(store, embedder, params, summary)
+    with store.transaction(), _Ingest(store, embedder, params, summary) as ingest:
         for done, path in enumerate(candidates, 1):
             source = path.relative_to(root).as_posix()
             seen.add(source)  # a file we fail to read keeps its previous version in the index
@@ -191,8 +221,7 @@ def add_documents(
     started = time.perf_counter()
     summary = SyncSummary(index=str(store.path))
     known: dict[str, dict[str, tuple[int, str]]] = {}
-    with store.transaction():
-        ingest = _Ingest(store, embedder, params, summary)
+    with store.transaction(), _Ingest(store, embedder, params, summary) as ingest:
         for doc in docs:
             hashes = known.setdefault(doc.root, store.document_hashes(doc.root))
             doc_id, content_hash = hashes.get(doc.source, (None, None))

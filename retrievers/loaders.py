@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from .chunking import heading_title
 from .types import LoadedDocument
 
 LoaderFn = Callable[[Path, bytes], tuple[str, str, bool]]
@@ -50,7 +51,7 @@ _FRONT_MATTER_TITLE = re.compile(
 def load_markdown(path: Path, raw: bytes) -> tuple[str, str, bool]:
     text, _ = decode_text(raw)
     match = _FRONT_MATTER_TITLE.match(text) or _MD_TITLE.search(text)
-    return text, match.group(1).strip() if match else path.stem, True
+    return text, heading_title(match.group(1)) if match else path.stem, True
 
 
 def load_plain_text(path: Path, raw: bytes) -> tuple[str, str, bool]:

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 from tokenizers import Tokenizer
 
-from agentkit.retrievers.chunking import TokenCounter, chunk_document, markdown_sections
+from agentkit.retrievers.chunking import (
+    TokenCounter,
+    chunk_document,
+    chunk_prefix,
+    markdown_sections,
+)
 from agentkit.retrievers.embedding import resolve_model_path
 from agentkit.retrievers.types import LoadedDocument
 from agentkit.settings import DEFAULT_EMBEDDING_MODEL
@@ -78,6 +83,22 @@ def test_markdown_chunks_carry_their_heading_path(tokenizer: Tokenizer) -> None:
     ]
     assert "# not a heading" in by_heading["Guide > Install"]
     assert by_heading["Guide > Use"].startswith("## Use")
+
+
+@pytest.mark.parametrize(
+    "title, heading, prefix",
+    [
+        ("Guide", "Guide > Install", "Guide > Install"),  # the H1 is the title: not said twice
+        ("Guide", "Guide", "Guide"),
+        ("Guide", "", "Guide"),
+        ("Front matter title", "Install", "Front matter title > Install"),
+        ("Guide", "Guidelines", "Guide > Guidelines"),  # a prefix of words, not of the path
+    ],
+)
+def test_chunk_prefix_names_title_and_heading_path_once(
+    tokenizer: Tokenizer, title: str, heading: str, prefix: str
+) -> None:
+    assert chunk_prefix(title, heading, TokenCounter(tokenizer)) == prefix
 
 
 def test_text_before_the_first_heading_is_kept() -> None:

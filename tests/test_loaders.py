@@ -37,8 +37,14 @@ def test_titles_come_from_the_document(tmp_path: Path) -> None:
     (tmp_path / "a.md").write_text("intro\n# The Title\n\ntext")
     (tmp_path / "b.rst").write_text("Section Name\n============\n\nbody")
     (tmp_path / "c.txt").write_text("plain")
+    (tmp_path / "d.md").write_text("# Body - Fields { #body-fields }\n\ntext")
     titles = {p.name: load_file(p, tmp_path).title for p in sorted(tmp_path.iterdir())}
-    assert titles == {"a.md": "The Title", "b.rst": "Section Name", "c.txt": "c"}
+    assert titles == {
+        "a.md": "The Title",
+        "b.rst": "Section Name",
+        "c.txt": "c",
+        "d.md": "Body - Fields",  # the attribute list is markup, not title
+    }
 
 
 def test_html_drops_scripts_and_keeps_text(docs: Path) -> None:
