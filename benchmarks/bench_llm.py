@@ -55,12 +55,17 @@ def overhead(url: str, index_path: Path, rounds: int) -> dict[str, object]:
             answer = rag.ask(question)
             total = time.perf_counter() - started
             in_server = server_seconds(url) - before
-            records.append({
-                "question": question, "total_s": total, "server_s": in_server,
-                "outside_s": total - in_server, "retrieve_s": answer.timings["retrieve_s"],
-                "prompt_s": answer.timings.get("prompt_s", 0.0),
-                "completion_tokens": answer.usage.completion_tokens,
-            })
+            records.append(
+                {
+                    "question": question,
+                    "total_s": total,
+                    "server_s": in_server,
+                    "outside_s": total - in_server,
+                    "retrieve_s": answer.timings["retrieve_s"],
+                    "prompt_s": answer.timings.get("prompt_s", 0.0),
+                    "completion_tokens": answer.usage.completion_tokens,
+                }
+            )
     outside = statistics.median(r["outside_s"] for r in records)
     total = statistics.median(r["total_s"] for r in records)
     return {
@@ -115,10 +120,15 @@ async def throughput(url: str, concurrency: int, tokens: int, rounds: int) -> di
     ours_tps = concurrency * tokens / statistics.median(times["agentkit"])
     theirs_tps = concurrency * tokens / statistics.median(times["openai"])
     return {
-        "concurrency": concurrency, "completion_tokens_each": tokens, "rounds": rounds,
-        "agentkit_tokens_per_s": ours_tps, "openai_tokens_per_s": theirs_tps,
-        "ratio": ours_tps / theirs_tps, "target": "ratio >= 0.95",
-        "met": ours_tps / theirs_tps >= 0.95, "seconds": times,
+        "concurrency": concurrency,
+        "completion_tokens_each": tokens,
+        "rounds": rounds,
+        "agentkit_tokens_per_s": ours_tps,
+        "openai_tokens_per_s": theirs_tps,
+        "ratio": ours_tps / theirs_tps,
+        "target": "ratio >= 0.95",
+        "met": ours_tps / theirs_tps >= 0.95,
+        "seconds": times,
     }
 
 
@@ -135,15 +145,19 @@ def main() -> None:
     server = None
     url = os.environ.get("AGENTKIT_LLM_URL")
     if not url:
-        server = ModelServer(ServeOptions(model=args.model, device=args.device, port=8123),
-                             settings.cache_dir)
+        server = ModelServer(
+            ServeOptions(model=args.model, device=args.device, port=8123), settings.cache_dir
+        )
         url = server.start()
     try:
         with tempfile.TemporaryDirectory() as tmp:
             index_path = Path(tmp) / "index"
             index_folder(ROOT / "examples" / "sample-docs", index_path, settings=settings)
-            result = {"device": args.device, "model": OpenAIChatModel(url).model,
-                      "overhead": overhead(url, index_path, args.rounds)}
+            result = {
+                "device": args.device,
+                "model": OpenAIChatModel(url).model,
+                "overhead": overhead(url, index_path, args.rounds),
+            }
         result["throughput"] = asyncio.run(
             throughput(url, args.concurrency, args.tokens, args.throughput_rounds)
         )

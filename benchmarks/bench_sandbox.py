@@ -36,19 +36,26 @@ def main() -> None:
         assert result.value == 18, result
         if i % 4 == 0:
             started = time.perf_counter()
-            out = subprocess.run([sys.executable, "-I", "-c", PROGRAM + "print(solution())"],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, "-I", "-c", PROGRAM + "print(solution())"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             fresh.append((time.perf_counter() - started) * 1000)
             assert out.stdout.strip() == "18"
     sandbox.close()
     result = {
-        "runs": RUNS, "fresh_runs": len(fresh),
-        "warm_p50_ms": statistics.median(warm), "warm_p95_ms": percentile(warm, 0.95),
+        "runs": RUNS,
+        "fresh_runs": len(fresh),
+        "warm_p50_ms": statistics.median(warm),
+        "warm_p95_ms": percentile(warm, 0.95),
         "fresh_interpreter_p50_ms": statistics.median(fresh),
         "fresh_interpreter_p95_ms": percentile(fresh, 0.95),
         "speedup_p50": statistics.median(fresh) / statistics.median(warm),
         "landlock_abi": sandbox.landlock_abi,
-        "target": "warm_p50_ms <= 15", "met": statistics.median(warm) <= 15,
+        "target": "warm_p50_ms <= 15",
+        "met": statistics.median(warm) <= 15,
     }
     write_result("sandbox", result)
 
