@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=100_000)
     args = parser.parse_args()
     questions, _ = load_hotpotqa(SHARED / "data" / "hotpotqa" / "dev_100.jsonl")
-    queries = [q["question"] for q in questions] + [
+    queries = [q["question"].strip() for q in questions] + [
         "how do I declare a query parameter",
         "dependency injection with yield",
         "CORS middleware",

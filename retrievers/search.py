@@ -9,7 +9,9 @@ On HotpotQA they lift recall@5 from 0.81 to 0.92; see ``benchmarks/bench_retriev
 
 from __future__ import annotations
 
+import functools
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 from agentkit.errors import InvalidQueryError
@@ -24,6 +26,7 @@ DENSE_WEIGHT, BM25_WEIGHT, NAMED_WEIGHT, LINKED_WEIGHT = 1.0, 1.0, 1.0, 1.0
 LINK_FROM_TOP = 3  # first-pass hits whose text is scanned for the titles of other candidates
 BM25_FIELD_WEIGHTS = (4.0, 2.0, 1.0)  # title, heading, body
 MAX_FTS_TERMS = 64
+BM25_MAX_POSTINGS = 2_000  # chunks FTS5 scores per query, at most (bar one term's); see bm25_terms
 STOPWORDS = frozenset(
     """a about above after again against all am an and any are as at be because been before being
     below between both but by can did do does doing down during each few for from further had has
@@ -47,27 +50,57 @@ def check_query(query: str, max_chars: int) -> str:
     return query.strip()
 
 
-def fts_query(query: str) -> str | None:
-    """An FTS5 MATCH expression: the query's words (stopwords dropped), each quoted, OR-ed."""
+def fts_terms(query: str) -> list[str]:
+    """The query's words for FTS5: lower-cased, stopwords dropped (unless that drops all)."""
     words = re.findall(r"\w+", query.lower())
     terms = list(dict.fromkeys(w for w in words if w not in STOPWORDS)) or list(
         dict.fromkeys(words)
     )
-    if not terms:
-        return None
-    return " OR ".join(f'"{t}"' for t in terms[:MAX_FTS_TERMS])
+    return terms[:MAX_FTS_TERMS]
+
+
+def fts_query(terms: list[str]) -> str | None:
+    """An FTS5 MATCH expression: each term quoted, OR-ed."""
+    return " OR ".join(f'"{t}"' for t in terms) or None
+
+
+def bm25_terms(store: IndexStore, terms: list[str]) -> list[str]:
+    """The terms BM25 ranks by: all, unless together they occur in over ``BM25_MAX_POSTINGS``
+    chunks; then the rarest that fit in that budget (at least one).
+
+    FTS5 scores every chunk that holds any term (~2 us each), so on a large index one common
+    word would cost tens of milliseconds, while its BM25 weight (idf) is small. As in a
+    common-terms query, chunks that hold only frequent words are left to the dense ranking.
+    """
+    if len(terms) < 2 or store.vectors.ntotal <= BM25_MAX_POSTINGS:
+        return terms  # (an index this small costs little whatever the terms)
+    frequencies = store.document_frequencies(terms)
+    if sum(frequencies) <= BM25_MAX_POSTINGS:
+        return terms
+    kept, total = [], 0
+    for frequency, term in sorted(zip(frequencies, terms)):
+        if kept and total + frequency > BM25_MAX_POSTINGS:
+            break
+        kept.append(term)
+        total += frequency
+    return kept
 
 
 def dense_search(
     store: IndexStore, embedder: Embedder, query: str, n: int
 ) -> tuple[list[int], dict[int, float]]:
-    """The ``n`` nearest chunk ids, and the cosine similarity of each to the query."""
+    """The ``n`` nearest chunk ids, and the cosine similarity of each to the query.
+
+    FAISS ranks by float16 codes; the candidates' cosines are then taken exactly from the
+    float32 vectors in SQLite, so thresholds on similarity see the true values.
+    """
     if store.vectors.ntotal == 0:
         return [], {}
     vector = embedder.embed([query])
-    sims, ids = store.vectors.search(vector, min(n, store.vectors.ntotal))
-    pairs = [(int(i), float(s)) for i, s in zip(ids[0], sims[0]) if i >= 0]
-    return [i for i, _ in pairs], dict(pairs)
+    _, ids = store.vectors.search(vector, min(n, store.vectors.ntotal))
+    exact = store.vectors_of([int(i) for i in ids[0] if i >= 0])
+    similarity = {cid: float(v @ vector[0]) for cid, v in exact.items()}
+    return sorted(similarity, key=lambda cid: -similarity[cid]), similarity
 
 
 def dense_ranking(store: IndexStore, embedder: Embedder, query: str, n: int) -> list[int]:
@@ -75,7 +108,7 @@ def dense_ranking(store: IndexStore, embedder: Embedder, query: str, n: int) -> 
 
 
 def bm25_ranking(store: IndexStore, query: str, n: int) -> list[int]:
-    match = fts_query(query)
+    match = fts_query(bm25_terms(store, fts_terms(query)))
     if match is None:
         return []
     title, heading, body = BM25_FIELD_WEIGHTS
@@ -145,10 +178,17 @@ def search(
     if k < 1:
         raise InvalidQueryError(f"k must be at least 1, got {k}")
     n = max(50, 4 * k)
-    dense, similarity = (
-        dense_search(store, embedder, query, n) if mode in ("hybrid", "dense") else ([], {})
-    )
-    bm25 = bm25_ranking(store, query, n) if mode in ("hybrid", "bm25") else []
+    dense: list[int] = []
+    similarity: dict[int, float] = {}
+    bm25: list[int] = []
+    if mode == "hybrid":  # side by side: ONNX Runtime, FAISS and SQLite all release the GIL
+        pending = _search_pool().submit(dense_search, store, embedder, query, n)
+        bm25 = bm25_ranking(store, query, n)
+        dense, similarity = pending.result()
+    elif mode == "dense":
+        dense, similarity = dense_search(store, embedder, query, n)
+    elif mode == "bm25":
+        bm25 = bm25_ranking(store, query, n)
     if mode == "dense":
         fused = reciprocal_rank_fusion([dense], [1.0])
     elif mode == "bm25":
@@ -167,6 +207,11 @@ def search(
         hit.dense_rank, hit.bm25_rank = dense_rank.get(hit.chunk_id), bm25_rank.get(hit.chunk_id)
         hit.similarity = similarity.get(hit.chunk_id)
     return ranked
+
+
+@functools.cache
+def _search_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(4, thread_name_prefix="agentkit-search")
 
 
 def fetch_hits(store: IndexStore, chunk_ids: list[int]) -> list[Hit]:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -45,11 +46,30 @@ CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
     title, heading, body, tokenize = 'porter unicode61 remove_diacritics 2');
 """
 
+# Query words tokenised by FTS5 itself (so stemmed as the index is), and the index's vocabulary.
+VOCAB_TABLES = (
+    "CREATE VIRTUAL TABLE IF NOT EXISTS temp.query_words USING fts5(word,"
+    " tokenize = 'porter unicode61 remove_diacritics 2')",
+    "CREATE VIRTUAL TABLE IF NOT EXISTS temp.query_tokens"
+    " USING fts5vocab(temp, query_words, 'instance')",
+    "CREATE VIRTUAL TABLE IF NOT EXISTS temp.index_vocab USING fts5vocab(main, chunks_fts, 'row')",
+)
+
 
 def chunk_id_for(root: str, source: str, content_hash: str, ordinal: int) -> int:
     """A stable 63-bit id (FAISS ids and SQLite rowids are signed 64-bit)."""
     digest = hashlib.blake2b(f"{root}\0{source}\0{content_hash}\0{ordinal}".encode(), digest_size=8)
     return int.from_bytes(digest.digest(), "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def new_vector_index(dim: int) -> faiss.Index:
+    """Exact inner-product search over float16 codes: half the memory and scan time of float32,
+    the same top 50 on our benchmarks (cosines agree to ~1e-3). SQLite keeps the float32 vectors.
+    """
+    quantizer = faiss.IndexScalarQuantizer(
+        dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+    )
+    return faiss.IndexIDMap2(quantizer)
 
 
 @contextmanager
@@ -118,6 +138,7 @@ class IndexStore:
         self.manifest = manifest
         self.db = sqlite3.connect(path / SQLITE_FILE, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
+        self._vocab_ready, self._vocab_lock = False, threading.Lock()
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
         self.vectors = self._load_vectors()
@@ -153,7 +174,7 @@ class IndexStore:
             index = faiss.read_index(str(faiss_path))
             if index.ntotal == count and index.d == self.dim:
                 return index
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        index = new_vector_index(self.dim)
         rows = self.db.execute("SELECT chunk_id, embedding FROM vectors")
         while batch := rows.fetchmany(4096):
             ids = np.fromiter((r[0] for r in batch), dtype=np.int64, count=len(batch))
@@ -238,6 +259,41 @@ class IndexStore:
         if chunks:
             ids = np.array([c["id"] for c in chunks], dtype=np.int64)
             self.vectors.add_with_ids(vectors, ids)
+
+    def vectors_of(self, chunk_ids: list[int]) -> dict[int, np.ndarray]:
+        """The stored float32 vectors of ``chunk_ids`` (ids without one are left out)."""
+        if not chunk_ids:
+            return {}
+        marks = ",".join("?" * len(chunk_ids))
+        rows = self.db.execute(
+            f"SELECT chunk_id, embedding FROM vectors WHERE chunk_id IN ({marks})", chunk_ids
+        )
+        return {cid: np.frombuffer(blob, dtype=np.float32) for cid, blob in rows}
+
+    def document_frequencies(self, words: list[str]) -> list[int]:
+        """For each word, how many chunks hold it, as FTS5 tokenises it (stemmed); a word the
+        tokenizer splits (``docs_src``) counts its rarest piece, an upper bound of its matches.
+        """
+        with self._vocab_lock:  # one scratch table per connection
+            if not self._vocab_ready:  # (not executescript: it would COMMIT an open transaction)
+                for statement in VOCAB_TABLES:
+                    self.db.execute(statement)
+                self._vocab_ready = True
+            self.db.executemany(
+                "INSERT INTO temp.query_words (rowid, word) VALUES (?, ?)", enumerate(words)
+            )
+            try:
+                tokens = self.db.execute("SELECT doc, term FROM temp.query_tokens").fetchall()
+            finally:
+                self.db.execute("DELETE FROM temp.query_words")
+        frequency: dict[str, int] = {}
+        for term in {t for _, t in tokens}:
+            row = self.db.execute("SELECT doc FROM temp.index_vocab WHERE term = ?", (term,))
+            frequency[term] = (row.fetchone() or (0,))[0]
+        per_word: dict[int, int] = {}
+        for word, term in tokens:
+            per_word[word] = min(per_word.get(word, frequency[term]), frequency[term])
+        return [per_word.get(i, 0) for i in range(len(words))]
 
     def counts(self) -> tuple[int, int]:
         documents = self.db.execute("SELECT count(*) FROM documents").fetchone()[0]

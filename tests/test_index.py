@@ -237,3 +237,52 @@ def test_hybrid_ranks_titles_the_query_names_and_the_top_hits_mention(
         hybrid = [h.title for h in index.search(question, k=2)]
     assert "Maro Vettel" not in bm25
     assert hybrid == ["Quillon Abbey (film)", "Maro Vettel"]
+
+
+def test_bm25_keeps_the_rarest_terms_when_common_ones_would_cost_too_much(
+    settings: Settings, embedder: HashingEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agentkit.retrievers import search as S
+    from agentkit.retrievers.types import LoadedDocument
+
+    def doc(title: str, text: str) -> LoadedDocument:
+        return LoadedDocument(source=title, text=text, title=title, format="txt", content_hash=text)
+
+    corpus = [doc(f"Note {i}", f"Running notes about servers, part {i}.") for i in range(20)]
+    corpus.append(doc("Zephyrine", "Zephyrine servers keep running."))
+    with Index.create(settings.index, settings=settings, embedder=embedder) as index:
+        index.add_documents(corpus)
+        store = index.store
+        # Counted as FTS5 tokenises: "running" and "runs" are both the stem "run".
+        assert store.document_frequencies(["runs", "servers", "zephyrine", "absent"]) == [
+            21,
+            21,
+            1,
+            0,
+        ]
+        terms = ["runs", "servers", "zephyrine"]
+        assert S.bm25_terms(store, terms) == terms  # 43 postings: within the default budget
+        monkeypatch.setattr(S, "BM25_MAX_POSTINGS", 10)
+        assert S.bm25_terms(store, terms) == ["zephyrine"]
+        assert S.bm25_terms(store, ["runs", "servers"]) == ["runs"]  # one term at least
+        hits = index.search("runs servers zephyrine", k=3, mode="bm25")
+        assert [h.title for h in hits] == ["Zephyrine"]
+
+
+def test_dense_similarity_is_the_exact_float32_cosine(
+    settings: Settings, embedder: HashingEmbedder
+) -> None:
+    from agentkit.retrievers.types import LoadedDocument
+
+    texts = ["alpha beta gamma", "beta gamma delta epsilon", "zeta eta theta alpha"]
+    docs = [
+        LoadedDocument(source=f"d{i}", text=t, title=f"d{i}", format="txt", content_hash=t)
+        for i, t in enumerate(texts)
+    ]
+    with Index.create(settings.index, settings=settings, embedder=embedder) as index:
+        index.add_documents(docs)
+        hits = index.search("alpha gamma", k=3, mode="dense")
+    query = embedder.embed(["alpha gamma"])[0]
+    for hit in hits:  # the index ranks by float16 codes; similarities are not rounded to them
+        expected = float(query @ embedder.embed([f"{hit.title}\n{hit.text}"])[0])
+        assert hit.similarity == pytest.approx(expected, abs=1e-6)
