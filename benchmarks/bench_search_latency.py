@@ -30,6 +30,15 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     }
 
 
+def originals(index: Index, chunk_ids: list[int]) -> set[tuple[int, int]]:
+    """The chunks that ``chunk_ids`` are copies of, as (document, ordinal)."""
+    marks = ",".join("?" * len(chunk_ids))
+    rows = index.store.db.execute(
+        f"SELECT document_id, ordinal FROM chunks WHERE id IN ({marks})", chunk_ids
+    )
+    return set(rows)
+
+
 def replicate(index: Index, target: int) -> None:
     """Copy chunks (text, FTS row, vector) under new ids until the index holds ``target``."""
     db = index.store.db
@@ -107,13 +116,12 @@ def main() -> None:
                 index.store.vectors.search(vectors[q], 50)
                 faiss_only.append(time.perf_counter() - t)
                 t = time.perf_counter()
-                pruned = S.bm25_ranking(index.store, q, 50)
+                pruned = S.bm25_ranking(index.store, q, 50, prune=True)
                 fts_only.append(time.perf_counter() - t)
-                budget, S.BM25_MAX_POSTINGS = S.BM25_MAX_POSTINGS, 1 << 62
                 every_term = S.bm25_ranking(index.store, q, 50)  # what pruning gives up
-                S.BM25_MAX_POSTINGS = budget
-                if every_term:
-                    overlap.append(len(set(pruned) & set(every_term)) / len(every_term))
+                if every_term:  # compared as original chunks: the copies tie with each other
+                    kept, wanted = originals(index, pruned), originals(index, every_term)
+                    overlap.append(len(kept & wanted) / len(wanted))
     write_result(
         "search_latency",
         {
@@ -128,7 +136,7 @@ def main() -> None:
                 "search_without_query_embedding": percentiles(retrieval_large),
                 "faiss_top50": percentiles(faiss_only),
                 "fts5_bm25_top50": percentiles(fts_only),
-                "bm25_top50_overlap_with_every_term": round(statistics.mean(overlap), 3),
+                "bm25_top50_shared_with_every_term": round(statistics.mean(overlap), 3),
             },
             "targets": {"small_p50_ms": 15, "large_retrieval_ms": 10},
         },

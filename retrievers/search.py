@@ -70,7 +70,10 @@ def bm25_terms(store: IndexStore, terms: list[str]) -> list[str]:
 
     FTS5 scores every chunk that holds any term (~2 us each), so on a large index one common
     word would cost tens of milliseconds, while its BM25 weight (idf) is small. As in a
-    common-terms query, chunks that hold only frequent words are left to the dense ranking.
+    common-terms query, chunks that hold only frequent words are left to the dense ranking:
+    hybrid search prunes, BM25 alone does not. On HotpotQA with the budget scaled to the
+    corpus, hybrid recall@5/10 stayed at 0.925/0.965 (0.91/0.98 unpruned) while BM25 alone fell
+    from 0.795/0.915 to 0.70/0.815.
     """
     if len(terms) < 2 or store.vectors.ntotal <= BM25_MAX_POSTINGS:
         return terms  # (an index this small costs little whatever the terms)
@@ -107,8 +110,10 @@ def dense_ranking(store: IndexStore, embedder: Embedder, query: str, n: int) -> 
     return dense_search(store, embedder, query, n)[0]
 
 
-def bm25_ranking(store: IndexStore, query: str, n: int) -> list[int]:
-    match = fts_query(bm25_terms(store, fts_terms(query)))
+def bm25_ranking(store: IndexStore, query: str, n: int, *, prune: bool = False) -> list[int]:
+    """Chunk ids by BM25; ``prune`` ranks by the rarest terms only (``bm25_terms``)."""
+    terms = fts_terms(query)
+    match = fts_query(bm25_terms(store, terms) if prune else terms)
     if match is None:
         return []
     title, heading, body = BM25_FIELD_WEIGHTS
@@ -183,7 +188,7 @@ def search(
     bm25: list[int] = []
     if mode == "hybrid":  # side by side: ONNX Runtime, FAISS and SQLite all release the GIL
         pending = _search_pool().submit(dense_search, store, embedder, query, n)
-        bm25 = bm25_ranking(store, query, n)
+        bm25 = bm25_ranking(store, query, n, prune=True)
         dense, similarity = pending.result()
     elif mode == "dense":
         dense, similarity = dense_search(store, embedder, query, n)

@@ -265,8 +265,10 @@ def test_bm25_keeps_the_rarest_terms_when_common_ones_would_cost_too_much(
         monkeypatch.setattr(S, "BM25_MAX_POSTINGS", 10)
         assert S.bm25_terms(store, terms) == ["zephyrine"]
         assert S.bm25_terms(store, ["runs", "servers"]) == ["runs"]  # one term at least
-        hits = index.search("runs servers zephyrine", k=3, mode="bm25")
-        assert [h.title for h in hits] == ["Zephyrine"]
+        pruned = S.bm25_ranking(store, "runs servers zephyrine", 50, prune=True)
+        assert [h.title for h in S.fetch_hits(store, pruned)] == ["Zephyrine"]
+        every_term = index.search("runs servers zephyrine", k=50, mode="bm25")  # not pruned
+        assert len(every_term) == 21 and every_term[0].title == "Zephyrine"
 
 
 def test_dense_similarity_is_the_exact_float32_cosine(
