@@ -31,7 +31,7 @@ from agentkit.errors import (
     LLMError,
     ToolError,
 )
-from agentkit.llm import ChatModel
+from agentkit.llm import ChatModel, Usage
 from agentkit.rag import RAG, Answer
 from agentkit.retrievers import Index
 from agentkit.services.conversations import ConversationStore, trim_to_budget
@@ -46,10 +46,15 @@ class ChatMessage(BaseModel):
     content: str = Field(max_length=200_000)
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
 class ChatRequest(BaseModel):
     model: str = Field(min_length=1, max_length=200)
     messages: list[ChatMessage] = Field(min_length=1, max_length=500)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     max_tokens: int | None = Field(None, ge=1, le=32_768)
     stop: str | list[str] | None = None
@@ -402,9 +407,25 @@ def create_app(
                 )
 
         if body.stream:
-            events = stream_events(body, question)
+            streamed = Usage()
+            events = stream_events(body, question, streamed)
+
+            def finished(text: str) -> None:
+                metrics.tokens.labels("prompt").inc(streamed.prompt_tokens)
+                metrics.tokens.labels("completion").inc(streamed.completion_tokens)
+                if remember is not None:
+                    remember(text)
+
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(
-                sse(events, completion_id, created, body.model, remember),
+                sse(
+                    events,
+                    completion_id,
+                    created,
+                    body.model,
+                    finished,
+                    streamed if include_usage else None,
+                ),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -478,12 +499,21 @@ def create_app(
         )
         return done.texts, {}, (done.usage.prompt_tokens, done.usage.completion_tokens)
 
-    def stream_events(body: ChatRequest, question: str) -> Iterator[tuple[str, dict | None]]:
-        """(text piece, extra) events; the API's SSE framing wraps them."""
+    def stream_events(
+        body: ChatRequest, question: str, usage: Usage
+    ) -> Iterator[tuple[str, dict | None]]:
+        """(text piece, extra) events; the API's SSE framing wraps them. ``usage`` is filled in
+        as the model reports it (by the end of the stream)."""
+
+        def count(prompt_tokens: int, completion_tokens: int) -> None:
+            usage.prompt_tokens += prompt_tokens
+            usage.completion_tokens += completion_tokens
+
         if body.model == "agentkit-rag":
             rag = RAG(shared, model, max_tokens=body.max_tokens or 384)  # type: ignore[arg-type]
             for item in rag.stream(question):
                 if isinstance(item, Answer):
+                    count(item.usage.prompt_tokens, item.usage.completion_tokens)
                     citations = [c.to_dict() for c in item.citations]
                     yield "", {"citations": citations, "invalid_citations": item.invalid_citations}
                 else:
@@ -496,9 +526,11 @@ def create_app(
                     metrics.steps.inc()
                     yield "", {"step": item.to_dict()}
                 else:
+                    count(item.usage.prompt_tokens, item.usage.completion_tokens)
                     yield item.answer, None
         elif body.model == "agentkit-pal":
-            texts, extra, _ = run_agent(body, question)
+            texts, extra, pal_usage = run_agent(body, question)
+            count(*pal_usage)
             yield "", extra
             yield texts[0], None
         else:
@@ -508,6 +540,8 @@ def create_app(
                 max_tokens=body.max_tokens,
                 temperature=body.temperature,
             ):
+                if delta.usage is not None:
+                    count(delta.usage.prompt_tokens, delta.usage.completion_tokens)
                 if delta.text:
                     yield delta.text, None
 
@@ -524,8 +558,10 @@ def sse(
     created: int,
     model: str,
     on_done: Any = None,
+    usage: Usage | None = None,
 ) -> Iterator[str]:
-    """OpenAI's chunk framing: a role chunk, content chunks, a finish chunk, ``[DONE]``."""
+    """OpenAI's chunk framing: a role chunk, content chunks, a finish chunk, ``[DONE]``; with
+    ``usage`` (``stream_options.include_usage``), a chunk with no choices and the usage last."""
 
     def chunk(delta: dict[str, Any], finish: str | None, extra: dict | None = None) -> str:
         body: dict[str, Any] = {
@@ -552,4 +588,18 @@ def sse(
     if on_done is not None:
         on_done("".join(parts))
     yield chunk({}, "stop")
+    if usage is not None:
+        body = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [],
+            "usage": {
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "total_tokens": usage.total_tokens,
+            },
+        }
+        yield f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
     yield "data: [DONE]\n\n"

@@ -126,6 +126,40 @@ def test_sse_framing_is_openais(api) -> None:
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "Echo: a b"
 
 
+def token_counter(url: str, kind: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(f'agentkit_tokens_total{{kind="{kind}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+@pytest.mark.parametrize("model", ["scripted", "agentkit-rag"])
+def test_streams_report_usage_when_asked_and_count_their_tokens(api, model: str) -> None:
+    from openai import OpenAI
+
+    running, _ = api
+    client = OpenAI(base_url=running.url + "/v1", api_key="unused")
+    before = token_counter(running.url, "completion")
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            stream=True,
+            stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": "Which module needs zlib?"}],
+        )
+    )
+    last = chunks[-1]  # OpenAI's shape: no choices, only the usage
+    assert last.choices == [] and last.usage is not None
+    assert last.usage.completion_tokens > 0 and last.usage.prompt_tokens > 0
+    assert all(c.usage is None for c in chunks[:-1])
+    after = token_counter(running.url, "completion")
+    assert after - before == last.usage.completion_tokens
+    plain = client.chat.completions.create(
+        model=model, stream=True, messages=[{"role": "user", "content": "hi"}]
+    )
+    assert all(c.usage is None and c.choices for c in plain)  # not asked: no usage chunk
+
+
 def test_feedback_exports_pairwise_preferences(api) -> None:
     running, store = api
     with Client(running.url) as client:
