@@ -76,7 +76,7 @@ class Client:
             for event in iter_events(response.iter_lines()):
                 if "agentkit" in event:
                     yield event["agentkit"]
-                text = (event["choices"][0].get("delta") or {}).get("content")
+                text = ((event.get("choices") or [{}])[0].get("delta") or {}).get("content")
                 if text:
                     yield text
 
@@ -120,7 +120,7 @@ class AsyncClient:
             async for event in aiter_events(response.aiter_lines()):
                 if "agentkit" in event:
                     yield event["agentkit"]
-                text = (event["choices"][0].get("delta") or {}).get("content")
+                text = ((event.get("choices") or [{}])[0].get("delta") or {}).get("content")
                 if text:
                     yield text
 
