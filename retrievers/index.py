@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from agentkit.errors import EmbeddingModelError
+from agentkit.errors import AgentkitError, EmbeddingModelError
 from agentkit.settings import Settings, get_settings
 
 from . import indexer
@@ -17,6 +19,8 @@ from .indexer import ChunkingParams, ProgressFn
 from .search import SearchMode, search
 from .store import SQLITE_FILE, IndexStore, writer_lock
 from .types import Hit, LoadedDocument, SyncSummary
+
+log = logging.getLogger(__name__)
 
 
 class Index:
@@ -42,6 +46,7 @@ class Index:
         )
         chunking = store.manifest["chunking"]
         self.chunking = ChunkingParams(chunking["max_tokens"], chunking["overlap_tokens"])
+        self._follow_lock = threading.Lock()
 
     @property
     def path(self) -> Path:
@@ -112,8 +117,41 @@ class Index:
             return cls.open(path, settings=settings, embedder=embedder)
         return cls.create(path, settings=settings, embedder=embedder)
 
+    def follow_disk(self) -> IndexStore:
+        """The store, brought up to date with what other writers committed: FAISS is reloaded
+        after a new generation, and the whole store reopened after a ``--full`` rebuild swapped
+        the folder. Costs a stat and one SQLite read when nothing changed."""
+        with self._follow_lock:
+            try:
+                inode = os.stat(self.path / SQLITE_FILE).st_ino
+            except OSError:
+                return self.store  # mid-swap or removed: keep serving what is open
+            if inode == self.store.inode:
+                self.store.refresh()
+                return self.store
+            try:
+                fresh = IndexStore.open(self.path)
+            except AgentkitError as error:
+                log.warning(
+                    "%s changed but cannot be reopened (%s); serving the old one", self.path, error
+                )
+                return self.store
+            built_with = fresh.manifest["embedding"]["model"]
+            if built_with != self.embedder.name:
+                log.warning(
+                    "%s was rebuilt with the embedding model %s; reopen it to search it",
+                    self.path,
+                    built_with,
+                )
+                fresh.close()
+                return self.store
+            # The old store is not closed: a search in another thread may still be using it.
+            self.store = fresh
+            return fresh
+
     def search(self, query: str, *, k: int = 5, mode: SearchMode = "hybrid") -> list[Hit]:
         """The ``k`` best chunks for ``query`` (hybrid: dense + BM25, fused by reciprocal rank)."""
+        self.follow_disk()
         return search(
             self.store,
             self.embedder,
@@ -126,18 +164,18 @@ class Index:
     def sync_folder(self, folder: str | Path, *, progress: ProgressFn | None = None) -> SyncSummary:
         """Make the index match ``folder``: add new files, replace changed, remove deleted."""
         with writer_lock(self.path):
-            return indexer.sync_folder(
-                self.store, self.embedder, Path(folder), self.chunking, progress
-            )
+            store = self.follow_disk()  # start from what others committed before the lock
+            return indexer.sync_folder(store, self.embedder, Path(folder), self.chunking, progress)
 
     def add_documents(self, docs: Iterable[LoadedDocument]) -> SyncSummary:
         """Add or replace in-memory documents (matched by root and source)."""
         with writer_lock(self.path):
-            return indexer.add_documents(self.store, self.embedder, docs, self.chunking)
+            return indexer.add_documents(self.follow_disk(), self.embedder, docs, self.chunking)
 
     def remove_source(self, source: str) -> int:
         """Remove every document with this source path; returns how many were removed."""
         with writer_lock(self.path):
+            self.follow_disk()
             ids = [
                 r[0]
                 for r in self.store.db.execute(
@@ -150,6 +188,7 @@ class Index:
             return len(ids)
 
     def stats(self) -> dict[str, Any]:
+        self.follow_disk()
         documents, chunks = self.store.counts()
         return {
             "path": str(self.path),

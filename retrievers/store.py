@@ -141,6 +141,8 @@ class IndexStore:
         self._vocab_ready, self._vocab_lock = False, threading.Lock()
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        self.inode = os.stat(path / SQLITE_FILE).st_ino
+        self.loaded_generation = -1  # the committed generation self.vectors holds
         self.vectors = self._load_vectors()
 
     @classmethod
@@ -166,8 +168,21 @@ class IndexStore:
         row = self.db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
         return int(row[0]) if row else 0
 
+    def refresh(self) -> bool:
+        """Reload FAISS when another process (or Index) committed since it was loaded."""
+        generation = self.generation
+        if generation == self.loaded_generation or self.db.in_transaction:
+            return False
+        try:
+            self.manifest = read_manifest(self.path)  # the FAISS file's generation is in it
+        except (IndexFormatError, IndexNotFoundError):
+            pass  # mid-swap or gone: rebuild from SQLite below
+        self.vectors = self._load_vectors()
+        return True
+
     def _load_vectors(self) -> faiss.Index:
         """FAISS from disk when it belongs to the committed generation, else rebuilt from SQLite."""
+        self.loaded_generation = self.generation  # read first: a later commit reloads again
         count = self.db.execute("SELECT count(*) FROM vectors").fetchone()[0]
         faiss_path = self.path / FAISS_FILE
         if self.manifest.get("generation") == self.generation and faiss_path.exists():
@@ -191,6 +206,7 @@ class IndexStore:
             generation = self.generation + 1
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('generation', ?)", (generation,))
             self.db.execute("COMMIT")
+            self.loaded_generation = generation  # self.vectors already holds these changes
         except BaseException:
             self.db.execute("ROLLBACK")
             self.vectors = self._load_vectors()  # drop the uncommitted in-memory changes

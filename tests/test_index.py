@@ -288,3 +288,40 @@ def test_dense_similarity_is_the_exact_float32_cosine(
     for hit in hits:  # the index ranks by float16 codes; similarities are not rounded to them
         expected = float(query @ embedder.embed([f"{hit.title}\n{hit.text}"])[0])
         assert hit.similarity == pytest.approx(expected, abs=1e-6)
+
+
+def test_an_open_index_follows_what_other_writers_commit(
+    docs: Path, settings: Settings, embedder: HashingEmbedder
+) -> None:
+    import faiss
+
+    build(docs, settings, embedder)
+    # A long-lived reader (an API, say) and, beside it, other writers.
+    reader = Index.open(settings.index, settings=settings, embedder=embedder)
+    assert reader.search("narwhal", k=1, mode="dense")[0].source != "narwhal.txt"
+    (docs / "narwhal.txt").write_text("The narwhal tusk is a tooth.\n")
+    build(docs, settings, embedder)  # an incremental run by another Index
+    assert reader.search("narwhal tusk", k=1, mode="dense")[0].source == "narwhal.txt"
+
+    # The reader now writes: its FAISS includes the other writer's chunks, on disk too.
+    from agentkit.retrievers.types import LoadedDocument
+
+    reader.add_documents(
+        [
+            LoadedDocument(
+                source="n.txt", text="Orca pods.", title="n", format="txt", content_hash="o"
+            )
+        ]
+    )
+    chunks = reader.stats()["chunks"]
+    on_disk = faiss.read_index(str(settings.index / "vectors.faiss"))
+    assert reader.store.vectors.ntotal == on_disk.ntotal == chunks
+
+    # A --full rebuild swaps the folder: the reader moves to the new index.
+    (docs / "notes.txt").unlink()
+    (docs / "penguin.txt").write_text("Penguins cannot fly.\n")
+    build(docs, settings, embedder, full=True)
+    sources = {h.source for h in reader.search("penguins fly walrus release", k=10)}
+    assert "penguin.txt" in sources and "notes.txt" not in sources and "n.txt" not in sources
+    assert reader.stats()["documents"] == 4  # install.md, page.html, narwhal.txt, penguin.txt
+    reader.close()

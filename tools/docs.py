@@ -34,16 +34,18 @@ def sentences(text: str) -> list[str]:
     return out
 
 
-_TITLES: dict[str, tuple[int, dict[str, int], dict[str, int]]] = {}
+_TITLES: dict[tuple[str, int], tuple[int, dict[str, int], dict[str, int]]] = {}
 
 
 def title_maps(index: Index) -> tuple[dict[str, int], dict[str, int]]:
     """Document ids by exact and by normalised title, read once per index generation rather
-    than once per episode (an API serves many episodes over one index)."""
-    key, generation = str(index.path), index.store.generation
+    than once per episode (an API serves many episodes over one index). A rebuilt index is
+    another SQLite file (another inode), whose generations start again."""
+    store = index.follow_disk()
+    key, generation = (str(index.path), store.inode), store.generation
     cached = _TITLES.get(key)
     if cached is None or cached[0] != generation:
-        rows = index.store.db.execute("SELECT id, title FROM documents").fetchall()
+        rows = store.db.execute("SELECT id, title FROM documents").fetchall()
         loose: dict[str, int] = {}
         for doc_id, title in rows:
             loose.setdefault(normalize_title(title), doc_id)
