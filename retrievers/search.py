@@ -106,10 +106,6 @@ def dense_search(
     return sorted(similarity, key=lambda cid: -similarity[cid]), similarity
 
 
-def dense_ranking(store: IndexStore, embedder: Embedder, query: str, n: int) -> list[int]:
-    return dense_search(store, embedder, query, n)[0]
-
-
 def bm25_ranking(store: IndexStore, query: str, n: int, *, prune: bool = False) -> list[int]:
     """Chunk ids by BM25; ``prune`` ranks by the rarest terms only (``bm25_terms``)."""
     terms = fts_terms(query)
@@ -190,16 +186,13 @@ def search(
         pending = _search_pool().submit(dense_search, store, embedder, query, n)
         bm25 = bm25_ranking(store, query, n, prune=True)
         dense, similarity = pending.result()
+        fused = hybrid_fusion(store, query, dense, bm25)
     elif mode == "dense":
         dense, similarity = dense_search(store, embedder, query, n)
-    elif mode == "bm25":
-        bm25 = bm25_ranking(store, query, n)
-    if mode == "dense":
         fused = reciprocal_rank_fusion([dense], [1.0])
     elif mode == "bm25":
+        bm25 = bm25_ranking(store, query, n)
         fused = reciprocal_rank_fusion([bm25], [1.0])
-    elif mode == "hybrid":
-        fused = hybrid_fusion(store, query, dense, bm25)
     else:
         raise InvalidQueryError(f"unknown search mode {mode!r}: use hybrid, dense or bm25")
     dense_rank = {i: r for r, i in enumerate(dense, 1)}

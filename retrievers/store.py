@@ -168,17 +168,15 @@ class IndexStore:
         row = self.db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
         return int(row[0]) if row else 0
 
-    def refresh(self) -> bool:
+    def refresh(self) -> None:
         """Reload FAISS when another process (or Index) committed since it was loaded."""
-        generation = self.generation
-        if generation == self.loaded_generation or self.db.in_transaction:
-            return False
+        if self.generation == self.loaded_generation or self.db.in_transaction:
+            return
         try:
             self.manifest = read_manifest(self.path)  # the FAISS file's generation is in it
         except (IndexFormatError, IndexNotFoundError):
             pass  # mid-swap or gone: rebuild from SQLite below
         self.vectors = self._load_vectors()
-        return True
 
     def _load_vectors(self) -> faiss.Index:
         """FAISS from disk when it belongs to the committed generation, else rebuilt from SQLite."""
