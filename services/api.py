@@ -411,8 +411,7 @@ def create_app(
             events = stream_events(body, question, streamed)
 
             def finished(text: str) -> None:
-                metrics.tokens.labels("prompt").inc(streamed.prompt_tokens)
-                metrics.tokens.labels("completion").inc(streamed.completion_tokens)
+                count_tokens(streamed)
                 if remember is not None:
                     remember(text)
 
@@ -433,8 +432,7 @@ def create_app(
         if remember is not None:
             remember(texts[0])
             extra = {**extra, "conversation_id": body.conversation_id}
-        metrics.tokens.labels("prompt").inc(usage[0])
-        metrics.tokens.labels("completion").inc(usage[1])
+        count_tokens(usage)
         return {
             "id": completion_id,
             "object": "chat.completion",
@@ -449,15 +447,15 @@ def create_app(
                 }
                 for i, t in enumerate(texts)
             ],
-            "usage": {
-                "prompt_tokens": usage[0],
-                "completion_tokens": usage[1],
-                "total_tokens": usage[0] + usage[1],
-            },
+            "usage": openai_usage(usage),
             **({"agentkit": extra} if extra else {}),
         }
 
-    def run_agent(body: ChatRequest, question: str) -> tuple[list[str], dict, tuple[int, int]]:
+    def count_tokens(usage: Usage) -> None:
+        metrics.tokens.labels("prompt").inc(usage.prompt_tokens)
+        metrics.tokens.labels("completion").inc(usage.completion_tokens)
+
+    def run_agent(body: ChatRequest, question: str) -> tuple[list[str], dict, Usage]:
         if body.model == "agentkit-rag":
             answer = RAG(shared, model, max_tokens=body.max_tokens or 384).ask(question)  # type: ignore[arg-type]
             extra = {
@@ -465,11 +463,7 @@ def create_app(
                 "invalid_citations": answer.invalid_citations,
                 "answered": answer.answered,
             }
-            return (
-                [answer.text],
-                extra,
-                (answer.usage.prompt_tokens, answer.usage.completion_tokens),
-            )
+            return [answer.text], extra, answer.usage
         if body.model == "agentkit-pal":
             from agentkit.pal import PAL
 
@@ -478,18 +472,14 @@ def create_app(
             return (
                 [solved.text or (solved.result.error or "")],
                 {"pal": solved.to_dict()},
-                (solved.usage.prompt_tokens, solved.usage.completion_tokens),
+                solved.usage,
             )
         if body.model == "agentkit-react":
             from agentkit.react import ReAct
 
             result = ReAct(model, index=shared).run(question)  # type: ignore[arg-type]
             metrics.steps.inc(len(result.steps))
-            return (
-                [result.answer],
-                {"react": result.to_dict()},
-                (result.usage.prompt_tokens, result.usage.completion_tokens),
-            )
+            return [result.answer], {"react": result.to_dict()}, result.usage
         done = model.complete(
             [m.model_dump() for m in body.messages],
             stop=stops(body.stop),
@@ -497,7 +487,7 @@ def create_app(
             temperature=body.temperature,
             n=body.n,
         )
-        return done.texts, {}, (done.usage.prompt_tokens, done.usage.completion_tokens)
+        return done.texts, {}, done.usage
 
     def stream_events(
         body: ChatRequest, question: str, usage: Usage
@@ -505,15 +495,15 @@ def create_app(
         """(text piece, extra) events; the API's SSE framing wraps them. ``usage`` is filled in
         as the model reports it (by the end of the stream)."""
 
-        def count(prompt_tokens: int, completion_tokens: int) -> None:
-            usage.prompt_tokens += prompt_tokens
-            usage.completion_tokens += completion_tokens
+        def count(more: Usage) -> None:
+            usage.prompt_tokens += more.prompt_tokens
+            usage.completion_tokens += more.completion_tokens
 
         if body.model == "agentkit-rag":
             rag = RAG(shared, model, max_tokens=body.max_tokens or 384)  # type: ignore[arg-type]
             for item in rag.stream(question):
                 if isinstance(item, Answer):
-                    count(item.usage.prompt_tokens, item.usage.completion_tokens)
+                    count(item.usage)
                     citations = [c.to_dict() for c in item.citations]
                     yield "", {"citations": citations, "invalid_citations": item.invalid_citations}
                 else:
@@ -526,11 +516,11 @@ def create_app(
                     metrics.steps.inc()
                     yield "", {"step": item.to_dict()}
                 else:
-                    count(item.usage.prompt_tokens, item.usage.completion_tokens)
+                    count(item.usage)
                     yield item.answer, None
         elif body.model == "agentkit-pal":
             texts, extra, pal_usage = run_agent(body, question)
-            count(*pal_usage)
+            count(pal_usage)
             yield "", extra
             yield texts[0], None
         else:
@@ -541,11 +531,19 @@ def create_app(
                 temperature=body.temperature,
             ):
                 if delta.usage is not None:
-                    count(delta.usage.prompt_tokens, delta.usage.completion_tokens)
+                    count(delta.usage)
                 if delta.text:
                     yield delta.text, None
 
     return app
+
+
+def openai_usage(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
 
 
 def stops(stop: str | list[str] | None) -> list[str] | None:
@@ -563,18 +561,20 @@ def sse(
     """OpenAI's chunk framing: a role chunk, content chunks, a finish chunk, ``[DONE]``; with
     ``usage`` (``stream_options.include_usage``), a chunk with no choices and the usage last."""
 
-    def chunk(delta: dict[str, Any], finish: str | None, extra: dict | None = None) -> str:
+    def frame(**fields: Any) -> str:
         body: dict[str, Any] = {
             "id": completion_id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
             "system_fingerprint": None,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            **fields,
         }
-        if extra:
-            body["agentkit"] = extra
         return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+    def chunk(delta: dict[str, Any], finish: str | None, extra: dict | None = None) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return frame(choices=[choice], **({"agentkit": extra} if extra else {}))
 
     yield chunk({"role": "assistant", "content": ""}, None)
     parts: list[str] = []
@@ -589,17 +589,5 @@ def sse(
         on_done("".join(parts))
     yield chunk({}, "stop")
     if usage is not None:
-        body = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [],
-            "usage": {
-                "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "total_tokens": usage.total_tokens,
-            },
-        }
-        yield f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+        yield frame(choices=[], usage=openai_usage(usage))
     yield "data: [DONE]\n\n"
