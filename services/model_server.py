@@ -24,6 +24,7 @@ from typing import Literal
 import httpx
 
 from agentkit.errors import ModelServerError
+from agentkit.processes import kill_group, signal_group
 from agentkit.services.model_prepare import DEFAULT_MODEL, prepare_model
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -261,10 +262,7 @@ class ModelServer:
         if process is None or process.poll() is not None:
             self._finished.set()
             return
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        signal_group(process, signal.SIGTERM)
         try:
             process.wait(grace_s)
         except subprocess.TimeoutExpired:
@@ -274,11 +272,7 @@ class ModelServer:
 
     def _kill_group(self) -> None:
         if self._process is not None:
-            try:
-                os.killpg(self._process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self._process.wait()
+            kill_group(self._process)
 
     def log_tail(self, lines: int = 15) -> str:
         try:

@@ -16,7 +16,6 @@ import ast
 import json
 import os
 import select
-import signal
 import struct
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from agentkit.errors import SandboxError
+from agentkit.processes import kill_group
 
 DEFAULT_IMPORTS = frozenset(
     "math cmath fractions decimal statistics itertools functools collections datetime re "
@@ -199,11 +199,7 @@ class Sandbox:
 
     def _kill(self) -> None:
         if self._process is not None:
-            try:
-                os.killpg(self._process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self._process.wait()
+            kill_group(self._process)
             self._process = None
 
     def run(
