@@ -2,8 +2,10 @@
 
 Each attack runs three times: with every layer, and with the Python-level layers (AST pre-check,
 trimmed builtins, import guard) switched off, so the OS-level confinement alone must hold, and
-a third time without Landlock too (the fallback for kernels that lack it: seccomp refuses open).
-The harness follows ../shared/security/README.md.
+a third time without Landlock too (the explicit, reported weakening for kernels that lack it:
+seccomp refuses open). The harness follows ../shared/security/README.md. A worker is a process
+tree (bubblewrap, its init, the interpreter): "no child outlives its run" means the tree is as
+big after the run as it was before it.
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ def harness():
             precheck=mode == "precheck",
             python_guards=mode == "precheck",
             landlock=mode != "seccomp-only",
+            allow_weak=mode == "seccomp-only",
+            workers=1,
         )
         for mode in ("precheck", "os-only", "seccomp-only")
     }
@@ -90,17 +94,26 @@ def harness():
         os.environ["AGENTKIT_ATTACK_SECRET"] = old_env
 
 
-def children_of(pid: int) -> list[int]:
-    found = []
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` on the host."""
+    parents = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 stat = (entry / "stat").read_text()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found |= frontier
     return found
+
+
+def worker_tree(box: Sandbox) -> set[int]:
+    (pid,) = box.worker_pids()
+    return {pid} | descendants(pid)
 
 
 def test_the_attack_corpus_is_there() -> None:
@@ -114,6 +127,7 @@ def test_attack_has_no_effect(attack: Path, mode: str, harness) -> None:
     box: Sandbox = boxes[mode]
     MARKER.unlink(missing_ok=True)
     before = listener.connections
+    tree = worker_tree(box)
     started = time.monotonic()
     result = box.run(attack.read_text())
     elapsed = time.monotonic() - started
@@ -127,8 +141,6 @@ def test_attack_has_no_effect(attack: Path, mode: str, harness) -> None:
     assert len(result.stdout) <= OUTPUT_CAP and len(shown) < OUTPUT_CAP + 5_000
     if "/etc/passwd" in attack.read_text():
         assert "root:" not in shown
-    worker = box._process
-    assert worker is not None and worker.poll() is None, "the worker died"
-    assert children_of(worker.pid) == [], "a child outlived its run"
+    assert worker_tree(box) == tree, "a child outlived its run, or the worker died"
     after = box.run("def solution():\n    return 6 * 7")  # the host keeps serving
     assert after.ok and after.value == 42

@@ -1,29 +1,28 @@
 """The sandbox's warm worker: a pre-started interpreter that forks one fresh child per program.
 
-Started by ``agentkit.tools.sandbox.Sandbox`` as ``python -I sandbox_worker.py`` with an empty
-environment (no host secrets). Stdlib and pyseccomp only: it never imports agentkit. Requests and
-replies are length-prefixed JSON on stdin/stdout.
+Started by ``agentkit.tools.sandbox`` inside bubblewrap (see ``sandbox_launch.py``): an
+unprivileged uid with no capabilities, in its own user, PID, IPC, network, mount, UTS and cgroup
+namespaces, with a read-only view of the interpreter and a private, size-limited /tmp. Started as
+``python -I -S sandbox_worker.py CONFIG`` with an empty environment; standard library only.
+Requests and replies are length-prefixed JSON on stdin/stdout.
 
-Why these layers (the guarantee must hold even when the Python-level checks are bypassed):
-- fork per program: a child starts from the warm, already-imported interpreter in ~1 ms and
-  dies afterwards, so one program never sees another's state.
-- setrlimit: CPU seconds, address space, file size, open files, no core dumps.
-- Landlock (kernel ≥ 5.13; ABI 7 here): the child may touch files only inside its scratch
-  directory, and (ABI ≥ 6) may not signal processes outside itself. Unprivileged, per-process,
-  no mount namespaces needed. Without Landlock every open() is refused by seccomp instead.
-- seccomp-bpf (libseccomp through pyseccomp): no new processes or threads (fork, vfork, clone,
-  clone3), no exec, no sockets, no signals to others, no raising rlimits (we run as root here,
-  and root may raise hard limits), no ptrace, namespaces, io_uring, bpf or keyrings. A denied
-  call fails with EPERM; nothing the program does can lift the filter.
-- A wall-clock deadline here, then SIGKILL of the child's process group; the host adds its own
-  deadline on this worker and restarts it if it ever stops answering.
+The child of each run adds, before it runs the program:
+- setrlimit: CPU seconds, address space, file size, open files, no core dumps;
+- Landlock (kernel ≥ 5.13): file access only beneath its scratch folder, and (ABI ≥ 6) no
+  signals or abstract sockets outward;
+- seccomp-bpf, an allowlist compiled on the host (``sandbox_policy.py``): everything it does not
+  name fails with EPERM, and nothing the program does can lift the filter.
+
+The worker never trusts the child: the reply is size- and depth-checked and rebuilt field by
+field (a bad one is an error result for that run); waiting for the child has a deadline, after
+which every process in the PID namespace but the worker and its init is killed.
 """
 
 from __future__ import annotations
 
+import base64
 import builtins
 import ctypes
-import errno
 import json
 import math
 import os
@@ -41,15 +40,6 @@ PRELOAD = (
     "math cmath fractions decimal statistics itertools functools collections collections.abc "
     "datetime re string heapq bisect random _strptime json numbers operator copy"
 ).split()
-DENIED_SYSCALLS = (
-    "fork vfork clone execve execveat socket socketpair connect bind listen accept accept4 "
-    "kill tkill tgkill rt_sigqueueinfo rt_tgsigqueueinfo pidfd_open pidfd_send_signal "
-    "pidfd_getfd ptrace process_vm_readv process_vm_writev setrlimit prlimit64 unshare setns "
-    "mount umount2 pivot_root chroot keyctl add_key request_key bpf perf_event_open "
-    "userfaultfd io_uring_setup io_uring_enter io_uring_register open_by_handle_at "
-    "name_to_handle_at personality seccomp setpgid setsid kcmp mknod mknodat"
-).split()
-OPEN_SYSCALLS = ("open", "openat", "openat2", "creat")
 SAFE_BUILTINS = (
     "abs all any ascii bin bool bytearray bytes callable chr complex dict divmod enumerate "
     "filter float format frozenset hash hex id int isinstance issubclass iter len list map max "
@@ -59,8 +49,13 @@ SAFE_BUILTINS = (
     "NameError OverflowError RecursionError RuntimeError StopIteration TypeError ValueError "
     "ZeroDivisionError __build_class__ property staticmethod classmethod"
 ).split()
-RESULT_CAP = 1 << 20  # bytes of JSON a program may return
+REPLY_CAP = 4 << 20  # bytes of reply read from a child (or, on the host, from a worker)
+MAX_DEPTH = 32  # nesting of a returned value
 ESCAPED = 150  # exit status of a child that ended without reporting
+ERROR_TYPES = frozenset(
+    "syntax forbidden import_not_allowed no_entry timeout memory_limit output_limit "
+    "recursion_limit exception killed crashed sandbox not_serializable bad_reply cancelled".split()
+)
 
 
 class OutputLimit(BaseException):
@@ -74,6 +69,7 @@ class CappedWriter:
     def write(self, text: str) -> int:
         if self.truncated:
             raise OutputLimit
+        text = str(text)
         room = self.cap - self.size
         self.parts.append(text[:room])
         self.size += min(len(text), room)
@@ -84,6 +80,11 @@ class CappedWriter:
 
     def flush(self) -> None:
         pass
+
+
+def clean_text(text: str) -> str:
+    """``text`` as valid UTF-8 (lone surrogates become U+FFFD)."""
+    return text.encode("utf-8", "replace").decode("utf-8", "replace")
 
 
 # --- Landlock (syscalls 444-446 on x86_64 and aarch64) ---------------------------------------
@@ -121,17 +122,83 @@ def landlock_confine(scratch: str, abi: int) -> None:
     os.close(ruleset)
 
 
-def build_seccomp(deny_open: bool):
-    import pyseccomp as seccomp
+_PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
 
-    rules = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
-    for name in [*DENIED_SYSCALLS, *(OPEN_SYSCALLS if deny_open else ())]:
-        try:
-            rules.add_rule(seccomp.ERRNO(errno.EPERM), name)
-        except (RuntimeError, ValueError, OSError):
-            pass  # a syscall this architecture does not have (e.g. open on aarch64)
-    rules.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")  # glibc then tries clone: EPERM
-    return rules
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def load_seccomp(bpf: bytes) -> None:
+    """Install the host-compiled BPF filter on this process (irrevocably)."""
+    program = ctypes.create_string_buffer(bpf, len(bpf))
+    fprog = _SockFprog(len(bpf) // 8, ctypes.cast(program, ctypes.c_void_p))
+    if _libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
+
+
+# --- the reply: never trusted ------------------------------------------------------------------
+
+
+def depth_ok(value: object, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``value`` nests at most ``limit`` deep (iteratively: no recursion to exhaust)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            if depth >= limit:
+                return False
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return True
+
+
+def clean_value(value: object) -> object:
+    """JSON data with every string (keys included) valid UTF-8; ``value`` must be depth-checked."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, list):
+        return [clean_value(v) for v in value]
+    if isinstance(value, dict):
+        return {clean_text(str(k)): clean_value(v) for k, v in value.items()}
+    return value
+
+
+def check_reply(data: bytes | bytearray, max_value_chars: int) -> dict:
+    """The reply of a child (or of a worker) as a clean result dict; a bad one as an error."""
+
+    def bad(why: str) -> dict:
+        return {"value": None, "stdout": "", "error": f"the sandbox got a malformed result: {why}",
+                "error_type": "bad_reply"}
+
+    if len(data) > REPLY_CAP:
+        return bad(f"larger than {REPLY_CAP} bytes")
+    try:
+        reply = json.loads(bytes(data).decode("utf-8", "replace"))
+    except (ValueError, RecursionError):
+        return bad("not JSON")
+    if not isinstance(reply, dict):
+        return bad("not an object")
+    if not depth_ok(reply, MAX_DEPTH + 2):
+        return bad(f"nested deeper than {MAX_DEPTH}")
+    clean: dict = {"value": clean_value(reply.get("value"))}
+    if len(json.dumps(clean["value"], ensure_ascii=False)) > max_value_chars:
+        return bad(f"the value is larger than {max_value_chars} characters as JSON")
+    for key in ("stdout", "error", "isolation"):
+        text = reply.get(key)
+        if text is not None and not isinstance(text, str):
+            return bad(f"{key} is not a string")
+        clean[key] = clean_text(text) if text is not None else ("" if key == "stdout" else None)
+    kind = reply.get("error_type")
+    clean["error_type"] = None if kind is None else (kind if kind in ERROR_TYPES else "bad_reply")
+    if clean["error_type"] and not clean["error"]:
+        clean["error"] = "the program failed"
+    for key in ("stdout_truncated", "converted"):
+        clean[key] = reply.get(key) is True
+    duration = reply.get("duration_ms")
+    if isinstance(duration, (int, float)) and not isinstance(duration, bool):
+        clean["duration_ms"] = float(duration) if math.isfinite(duration) else 0.0
+    return clean
 
 
 # --- the child ---------------------------------------------------------------------------------
@@ -139,10 +206,13 @@ def build_seccomp(deny_open: bool):
 
 def json_safe(value: object, depth: int = 0) -> tuple[object, bool]:
     """``value`` as JSON data, and whether anything had to be converted."""
-    if depth > 50:
+    if depth > MAX_DEPTH - 2:
         return repr(value)[:200], True
-    if value is None or isinstance(value, (bool, str)):
+    if value is None or isinstance(value, bool):
         return value, False
+    if isinstance(value, str):
+        safe = clean_text(value)
+        return safe, safe != value
     if isinstance(value, int):
         return (value, False) if abs(value) < 2**63 else (str(value), True)
     if isinstance(value, float):
@@ -155,7 +225,7 @@ def json_safe(value: object, depth: int = 0) -> tuple[object, bool]:
         out, changed = {}, False
         for k, v in value.items():
             safe, c = json_safe(v, depth + 1)
-            out[k if isinstance(k, str) else str(k)] = safe
+            out[clean_text(k) if isinstance(k, str) else str(k)] = safe
             changed = changed or c or not isinstance(k, str)
         return out, changed
     item = getattr(value, "item", None)  # numpy scalars
@@ -174,7 +244,7 @@ def json_safe(value: object, depth: int = 0) -> tuple[object, bool]:
     try:
         return json_safe(float(value), depth + 1)[0], True
     except Exception:
-        return repr(value)[:1000], True
+        return clean_text(repr(value)[:1000]), True
 
 
 def program_line(tb: object, filename: str) -> int | None:
@@ -185,35 +255,40 @@ def program_line(tb: object, filename: str) -> int | None:
     return line
 
 
-def run_child(request: dict, scratch: str, result_fd: int, rules, landlock: int) -> None:
+def confine(request: dict, scratch: str, config: dict) -> None:
+    """Limits, Landlock and seccomp on this process, in that order (seccomp last: it forbids
+    the calls that set up the others)."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.chdir(scratch)
+    memory = int(request["base_bytes"]) + (int(request["memory_mb"]) << 20)
+    cpu = max(1, math.ceil(float(request["timeout_s"])))
+    for limit, value in (
+        (resource.RLIMIT_CPU, (cpu, cpu + 1)),
+        (resource.RLIMIT_AS, (memory, memory)),
+        (resource.RLIMIT_FSIZE, (8 << 20, 8 << 20)),
+        (resource.RLIMIT_NOFILE, (64, 64)),
+        (resource.RLIMIT_CORE, (0, 0)),
+    ):
+        resource.setrlimit(limit, value)
+    _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # needed by Landlock and seccomp
+    if config["landlock_abi"]:
+        landlock_confine(scratch, config["landlock_abi"])
+    if config["bpf"]:
+        load_seccomp(config["bpf"])
+    os.environ.clear()
+
+
+def run_child(request: dict, scratch: str, result_fd: int, config: dict) -> None:
     """Confine this process, run the program, write the result JSON to ``result_fd``, exit."""
     report: dict = {"value": None, "error": None, "error_type": None}
     out = CappedWriter(int(request["max_output"]))
     try:
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        os.chdir(scratch)
-        # the limit is on top of what the warm interpreter has mapped already
-        mapped = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-        memory = mapped + (int(request["memory_mb"]) << 20)
-        cpu = max(1, math.ceil(float(request["timeout_s"])))
-        for limit, value in (
-            (resource.RLIMIT_CPU, (cpu, cpu + 1)),
-            (resource.RLIMIT_AS, (memory, memory)),
-            (resource.RLIMIT_FSIZE, (8 << 20, 8 << 20)),
-            (resource.RLIMIT_NOFILE, (64, 64)),
-            (resource.RLIMIT_CORE, (0, 0)),
-        ):
-            resource.setrlimit(limit, value)
-        _libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: needed by Landlock and seccomp
-        if landlock:
-            landlock_confine(scratch, landlock)
-        rules.load()
-        os.environ.clear()
+        confine(request, scratch, config)
     except BaseException as error:  # refuse to run unconfined
         report.update(error=f"sandbox setup failed: {error}", error_type="sandbox")
-        finish(report, out, result_fd)
+        finish(report, out, result_fd, int(request["max_output"]))
     allowed = set(request["allowed_imports"])
     real_import = builtins.__import__
 
@@ -264,32 +339,27 @@ def run_child(request: dict, scratch: str, result_fd: int, rules, landlock: int)
         report.update(
             error=f"{type(error).__name__}: {error}{where}"[:2000], error_type="exception"
         )
-    finish(report, out, result_fd)
+    finish(report, out, result_fd, int(request["max_output"]))
 
 
-def finish(report: dict, out: CappedWriter, result_fd: int) -> None:
-    report["stdout"] = "".join(out.parts)
+def finish(report: dict, out: CappedWriter, result_fd: int, max_output: int) -> None:
+    """Write the report (value capped by its size as JSON) to ``result_fd`` and exit at once."""
+    report["stdout"] = clean_text("".join(out.parts))
     report["stdout_truncated"] = out.truncated
+    report["error"] = clean_text(report["error"]) if report["error"] else report["error"]
     try:
+        size = len(json.dumps(report["value"], ensure_ascii=False))
+        if size > max_output:
+            report.update(
+                value=None,
+                error=f"the returned value is {size} characters as JSON; the limit is "
+                f"{max_output}",
+                error_type="output_limit",
+            )
         data = json.dumps(report, ensure_ascii=False).encode()
-    except (TypeError, ValueError):
-        data = json.dumps(
-            {
-                **report,
-                "value": None,
-                "error": "result not serialisable",
-                "error_type": "not_serializable",
-            }
-        ).encode()
-    if len(data) > RESULT_CAP:
-        data = json.dumps(
-            {
-                "value": None,
-                "stdout": report["stdout"][:1000],
-                "error": f"the result is larger than {RESULT_CAP} bytes",
-                "error_type": "output_limit",
-            }
-        ).encode()
+    except (TypeError, ValueError, RecursionError):
+        data = json.dumps({**report, "value": None, "error": "result not serialisable",
+                           "error_type": "not_serializable"}).encode()
     try:
         view = memoryview(data)
         while view:
@@ -301,40 +371,73 @@ def finish(report: dict, out: CappedWriter, result_fd: int) -> None:
 # --- the worker loop ---------------------------------------------------------------------------
 
 
-def run_one(request: dict, rules, landlock: int) -> dict:
+def mapped_bytes() -> int:
+    """Address space this interpreter maps already (the memory limit comes on top)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 1 << 30
+
+
+def kill_leftovers(pid: int, config: dict) -> None:
+    """SIGKILL the child and anything it left; in our own PID namespace that is everything but
+    this worker and the namespace's init."""
+    try:
+        if config["pidns"]:
+            os.kill(-1, signal.SIGKILL)
+        else:
+            os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def collect(read_fd: int, pid: int, deadline: float) -> tuple[bytearray, bool]:
+    """The child's reply until it has both closed the pipe and exited, or the deadline passed."""
+    data, timed_out = bytearray(), False
+    pidfd = os.pidfd_open(pid)
+    waiting = [read_fd, pidfd]
+    try:
+        while waiting:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                timed_out = True
+                break
+            ready, _, _ = select.select(waiting, [], [], left)
+            if read_fd in ready:
+                chunk = os.read(read_fd, 65536)
+                if not chunk:
+                    waiting.remove(read_fd)
+                elif len(data) <= REPLY_CAP:
+                    data += chunk  # past the cap: drained, dropped, judged by check_reply
+            if pidfd in ready:
+                waiting.remove(pidfd)
+    finally:
+        os.close(pidfd)
+    return data, timed_out
+
+
+def run_one(request: dict, config: dict) -> dict:
     started = time.perf_counter()
     scratch = tempfile.mkdtemp(prefix="agentkit-sandbox-")
+    request["base_bytes"] = mapped_bytes()
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child
         try:
             os.setpgid(0, 0)
             os.close(read_fd)
-            run_child(request, scratch, write_fd, rules, landlock)
+            run_child(request, scratch, write_fd, config)
         finally:
             os._exit(ESCAPED)
     os.close(write_fd)
-    deadline = started + float(request["timeout_s"])
-    data, timed_out = bytearray(), False
-    while True:
-        left = deadline - time.perf_counter()
-        if left <= 0:
-            timed_out = True
-            break
-        ready, _, _ = select.select([read_fd], [], [], left)
-        if ready:
-            chunk = os.read(read_fd, 65536)
-            if not chunk:
-                break
-            data += chunk[: RESULT_CAP + 65536 - len(data)]
-    os.close(read_fd)
-    if timed_out:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    _, status = os.waitpid(pid, 0)
-    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        data, timed_out = collect(read_fd, pid, started + float(request["timeout_s"]))
+    finally:
+        os.close(read_fd)
+        kill_leftovers(pid, config)
+        _, status = os.waitpid(pid, 0)
+        shutil.rmtree(scratch, ignore_errors=True)
     elapsed_ms = (time.perf_counter() - started) * 1000
     if timed_out:
         return {
@@ -344,12 +447,10 @@ def run_one(request: dict, rules, landlock: int) -> dict:
             "error_type": "timeout",
             "duration_ms": elapsed_ms,
         }
-    try:
-        result = json.loads(data)
+    if data:
+        result = check_reply(data, int(request["max_output"]))
         result["duration_ms"] = elapsed_ms
         return result
-    except ValueError:
-        pass
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         kind = {signal.SIGXCPU: "timeout", signal.SIGKILL: "killed", signal.SIGSEGV: "crashed"}
@@ -382,26 +483,35 @@ def read_message(stream) -> dict | None:
 
 
 def write_message(stream, message: dict) -> None:
-    data = json.dumps(message, ensure_ascii=False).encode()
+    data = json.dumps(message, ensure_ascii=True).encode()
     stream.write(struct.pack(">I", len(data)) + data)
     stream.flush()
 
 
 def main() -> None:
+    options = json.loads(sys.argv[1])
+    sys.path.extend(options.get("sys_path", ()))
     for name in PRELOAD:
         __import__(name)
-    landlock = 0 if "--no-landlock" in sys.argv else landlock_abi()
-    rules = build_seccomp(deny_open=not landlock)
+    abi = landlock_abi() if options["landlock"] else 0
+    config = {
+        "landlock_abi": abi,
+        "bpf": base64.b64decode(options["bpf"]) if options.get("bpf") else b"",
+        "pidns": bool(options.get("pidns")) and os.getppid() == 1,  # our init is pid 1
+    }
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # stray prints must not corrupt the protocol
-    write_message(stdout, {"ready": True, "landlock_abi": landlock, "pid": os.getpid()})
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)  # the host stops reading stderr once we are up
+    sys.stdout = sys.stderr = open(devnull, "w", closefd=False)  # stray prints: not the protocol
+    hello = {"ready": True, "landlock_abi": abi, "pidns": config["pidns"], "uid": os.getuid()}
+    write_message(stdout, hello)
     while (request := read_message(stdin)) is not None:
         for name in request.get("preload", ()):
             try:
                 __import__(name)  # opt-in modules (numpy, sympy) load here, before the fork
             except ImportError:
                 pass
-        write_message(stdout, run_one(request, rules, landlock))
+        write_message(stdout, run_one(request, config))
 
 
 if __name__ == "__main__":
