@@ -57,8 +57,21 @@ class Settings(BaseSettings):
     rag_min_similarity: float = Field(
         0.2, description="Sources below this cosine similarity to the question are not relevant."
     )
+    sandbox_workers: int = Field(
+        2, ge=1, le=64, description="Warm sandbox workers: programs that can run at once."
+    )
+    sandbox_allow_weak: bool = Field(
+        False,
+        description="Run untrusted code even when an OS layer (namespaces, seccomp, Landlock) is "
+        "missing; every result then names what is missing.",
+    )
+    sandbox_uid: int = Field(
+        65534, ge=1, description="Unprivileged uid the sandbox runs as (on the host too)."
+    )
     api_keys: str | None = Field(
-        None, description="Comma-separated bearer keys the REST API accepts; unset: no auth."
+        None,
+        description="Comma-separated bearer keys the REST API accepts, each `name:role:key` "
+        "(role `admin` or `user`) or a bare key (an admin named key1, key2, ...); unset: open.",
     )
     api_max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger requests get 413.")
     api_rate_limit_per_minute: int = Field(0, ge=0, description="Per API key; 0: no limit.")
@@ -66,6 +79,11 @@ class Settings(BaseSettings):
         None, description="Comma-separated folders POST /v1/documents/folder may index."
     )
     api_upload_dir: Path | None = Field(None, description="Enables uploads; files are kept here.")
+    api_protect_docs: bool | None = Field(
+        None,
+        description="/metrics, /docs, /redoc and /openapi.json need a key; unset: when keys "
+        "are set.",
+    )
     conversations_db: Path = Field(
         Path(".agentkit/conversations.sqlite"), description="Server-side chat history."
     )
