@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import re
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -130,14 +131,17 @@ class PAL:
         )
         self.prompt = prompt
 
-    def _run(self, reply: str) -> tuple[str | None, SandboxResult]:
+    def _run(
+        self, reply: str, cancel: threading.Event | None = None
+    ) -> tuple[str | None, SandboxResult]:
         try:
             program = extract_code(reply)
         except NoCode as error:
             return None, SandboxResult(error=str(error), error_type="no_code")
-        return program, self.sandbox.run(program)
+        return program, self.sandbox.run(program, cancel=cancel)
 
-    def solve(self, question: str) -> PALAnswer:
+    def solve(self, question: str, cancel: threading.Event | None = None) -> PALAnswer:
+        """Answer ``question``; setting ``cancel`` (a client went away) stops sandbox runs."""
         started = time.perf_counter()
         messages: list[Message] = load_messages(self.prompt, question=question)
         completion = self.model.complete(
@@ -147,8 +151,11 @@ class PAL:
         generated = time.perf_counter()
         samples = []
         for reply in completion.texts:
-            program, result = self._run(reply)
+            program, result = self._run(reply, cancel)
             sample = Sample(reply, program, result)
+            if result.error_type == "cancelled":
+                samples.append(sample)
+                break
             if not result.ok and self.repair and result.error_type != "no_code":
                 fix = [
                     *messages,
@@ -158,7 +165,7 @@ class PAL:
                 again = self.model.complete(fix, temperature=0.0, max_tokens=self.max_tokens)
                 usage.prompt_tokens += again.usage.prompt_tokens
                 usage.completion_tokens += again.usage.completion_tokens
-                program2, result2 = self._run(again.text)
+                program2, result2 = self._run(again.text, cancel)
                 if result2.ok:
                     sample = Sample(again.text, program2, result2, repaired=True)
             samples.append(sample)

@@ -5,6 +5,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-dev,cpu}"
 python="${PYTHON:-python3}"
+# Debian packages the sandbox needs: bubblewrap (namespaces), setpriv (util-linux), libseccomp.
+# Installed when missing and we may (root with apt-get); otherwise the sandbox says what is missing.
+missing=()
+command -v bwrap >/dev/null || missing+=(bubblewrap)
+command -v setpriv >/dev/null || missing+=(util-linux)
+ldconfig -p 2>/dev/null | grep -q libseccomp.so.2 || missing+=(libseccomp2)
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 stamp=".venv/.agentkit-installed-$extras"
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then

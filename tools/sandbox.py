@@ -263,7 +263,8 @@ class Sandbox:
         missing = missing_tools(self.layers)
         if missing and not self.allow_weak:
             raise SandboxError(
-                "the sandbox cannot confine programs here: " + "; ".join(missing)
+                "the sandbox cannot confine programs here: "
+                + "; ".join(missing)
                 + ". Install what is missing, or set AGENTKIT_SANDBOX_ALLOW_WEAK=1 to run "
                 "untrusted code with fewer layers (each result then says which)"
             )
@@ -353,7 +354,8 @@ class Sandbox:
                 cancelled = cancel is not None and cancel.is_set()
                 return self._count(
                     SandboxResult(
-                        error="the run was cancelled" if cancelled
+                        error="the run was cancelled"
+                        if cancelled
                         else "the sandbox worker stopped answering and was restarted",
                         error_type="cancelled" if cancelled else "sandbox",
                         duration_ms=(time.perf_counter() - started) * 1000,

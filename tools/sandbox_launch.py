@@ -60,8 +60,10 @@ def missing_tools(layers: Layers) -> list[str]:
 
             seccomp_bpf(layers.landlock)
         except Exception as error:  # ImportError, OSError from libseccomp
-            missing.append(f"seccomp is unavailable ({error}; pip install pyseccomp, and "
-                           "Debian/Ubuntu: apt install libseccomp2)")
+            missing.append(
+                f"seccomp is unavailable ({error}; pip install pyseccomp, and "
+                "Debian/Ubuntu: apt install libseccomp2)"
+            )
     return missing
 
 

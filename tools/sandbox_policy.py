@@ -39,8 +39,21 @@ ALLOWED_SYSCALLS = (
     "get_robust_list rseq arch_prctl set_tid_address exit exit_group"
 ).split()
 # Without Landlock (an explicit, reported opt-out) the child may not open files at all.
-OPEN_SYSCALLS = frozenset({"open", "openat", "creat", "mkdir", "mkdirat", "rename", "renameat",
-                           "renameat2", "unlink", "unlinkat", "rmdir"})
+OPEN_SYSCALLS = frozenset(
+    {
+        "open",
+        "openat",
+        "creat",
+        "mkdir",
+        "mkdirat",
+        "rename",
+        "renameat",
+        "renameat2",
+        "unlink",
+        "unlinkat",
+        "rmdir",
+    }
+)
 
 
 @functools.lru_cache(maxsize=4)

@@ -168,8 +168,12 @@ def check_reply(data: bytes | bytearray, max_value_chars: int) -> dict:
     """The reply of a child (or of a worker) as a clean result dict; a bad one as an error."""
 
     def bad(why: str) -> dict:
-        return {"value": None, "stdout": "", "error": f"the sandbox got a malformed result: {why}",
-                "error_type": "bad_reply"}
+        return {
+            "value": None,
+            "stdout": "",
+            "error": f"the sandbox got a malformed result: {why}",
+            "error_type": "bad_reply",
+        }
 
     if len(data) > REPLY_CAP:
         return bad(f"larger than {REPLY_CAP} bytes")
@@ -352,14 +356,19 @@ def finish(report: dict, out: CappedWriter, result_fd: int, max_output: int) -> 
         if size > max_output:
             report.update(
                 value=None,
-                error=f"the returned value is {size} characters as JSON; the limit is "
-                f"{max_output}",
+                error=f"the returned value is {size} characters as JSON; the limit is {max_output}",
                 error_type="output_limit",
             )
         data = json.dumps(report, ensure_ascii=False).encode()
     except (TypeError, ValueError, RecursionError):
-        data = json.dumps({**report, "value": None, "error": "result not serialisable",
-                           "error_type": "not_serializable"}).encode()
+        data = json.dumps(
+            {
+                **report,
+                "value": None,
+                "error": "result not serialisable",
+                "error_type": "not_serializable",
+            }
+        ).encode()
     try:
         view = memoryview(data)
         while view:
