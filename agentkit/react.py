@@ -127,6 +127,22 @@ def step_regex(names: Iterable[str]) -> str:
     return rf"Thought: [^\n\[\]]+\nAction: ({alternatives})\[[^\n\[\]]+\]"
 
 
+REPEATED = "You just did"
+
+
+@dataclass
+class Draft:
+    """A producer's next step, before anything runs: ``name`` is None when it did not parse."""
+
+    thought: str
+    name: str | None
+    argument: str  # as shown and compared for repeats
+    call_with: Any  # what the tool is called with (the text, or the call's JSON arguments)
+    raw: str
+    usage: Usage
+    invalid: str = ""  # the observation for a step that names no known tool
+
+
 class ReAct:
     """A ReAct agent over ``search``/``lookup``/``finish`` on an index, plus any tools given."""
 
@@ -172,12 +188,38 @@ class ReAct:
         return registry
 
     def steps(self, question: str) -> Iterator[Step | Trajectory]:
-        """Yields each Step as it happens, then the Trajectory."""
+        """Yields each Step as it happens, then the Trajectory.
+
+        The one loop of every mode: the mode's producer only drafts the next step (and records
+        the observation in its messages); running tools, repeats, the re-draw of a stuck agent,
+        usage, finish and the fallback happen here, alike for text and tool calls.
+        """
         started = time.perf_counter()
         registry = self._registry()
         result = Trajectory(question)
-        loop = self._tool_loop if self.mode == "tools" else self._text_loop
-        for step in loop(question, registry, result):
+        producer_type = ToolCallSteps if self.mode == "tools" else TextSteps
+        producer = producer_type(self, question, registry)
+        previous: tuple[str, str] | None = None
+        repeats = 0
+        for _ in range(self.max_steps):
+            t0 = time.perf_counter()
+            # greedy decoding repeats itself: after a repeat, sample. A sampled step can run past
+            # max_tokens before its action (the regex cannot bound it: xgrammar times out on
+            # {m,n}); such a step is drawn again, greedily, before it counts as a failure.
+            for temperature in [0.7, 0.0] if repeats else [0.0]:
+                draft = producer.draft(temperature)
+                result.usage += draft.usage
+                if draft.name is not None:
+                    break
+            t1 = time.perf_counter()
+            step = self._act(draft, registry, previous)
+            if step.observation.startswith(REPEATED):
+                repeats += 1
+            elif not step.parse_failed:
+                repeats = 0
+            if draft.name is not None and not step.parse_failed:
+                previous = (draft.name, draft.argument.casefold())
+            step.seconds = {"generate": t1 - t0, "tool": time.perf_counter() - t1}
             result.steps.append(step)
             if self.on_step:
                 self.on_step(step)
@@ -185,140 +227,34 @@ class ReAct:
             if step.action == "finish" and not step.parse_failed:
                 result.answer, result.finished = step.argument, True
                 break
+            if repeats >= 3:  # stuck: more steps will not help, the fallback might
+                break
+            producer.observe(draft, step.observation)
         if not result.finished:
             result.fallback, result.answer = True, self._fallback(question)
         result.seconds = time.perf_counter() - started
         yield result
 
-    def _text_loop(
-        self, question: str, registry: ToolRegistry, result: Trajectory
-    ) -> Iterator[Step]:
-        """Thought/Action steps, constrained by a regex when ``structured``; stops when stuck."""
-        messages: list[Message] = load_messages(
-            self.prompt, question=question, tools=registry.describe()
-        )
-        constraint = Structured(regex=step_regex(registry.names())) if self.structured else None
-        previous: tuple[str, str] | None = None
-        repeats = 0
-        for _ in range(self.max_steps):
-            t0 = time.perf_counter()
-            # greedy decoding repeats itself: after a repeat, sample. A sampled thought can run
-            # past max_tokens before its Action line (the regex cannot bound it: xgrammar times
-            # out on {m,n}); such a step is drawn again, greedily, before it counts as a failure.
-            parsed = None
-            for temperature in [0.7, 0.0] if repeats else [0.0]:
-                completion = self.model.complete(
-                    messages,
-                    stop=["\nObservation"],
-                    max_tokens=self.max_tokens,
-                    temperature=temperature,
-                    structured=constraint,
-                )
-                result.usage.prompt_tokens += completion.usage.prompt_tokens
-                result.usage.completion_tokens += completion.usage.completion_tokens
-                raw = completion.text.strip()
-                if (parsed := parse_step(raw)) is not None:
-                    break
-            t1 = time.perf_counter()
-            tool = registry.get(parsed[1]) if parsed else None
-            if parsed is None or tool is None:
-                step = Step(
-                    "",
-                    parsed[1] if parsed else None,
-                    parsed[2] if parsed else "",
-                    f"Invalid step. Write two lines: 'Thought: ...' then 'Action: "
-                    f"tool[argument]' with tool one of {registry.names()}.",
-                    raw,
-                    True,
-                )
-            else:
-                thought, _, argument = parsed
-                step = Step(thought, tool.name, argument, "", raw)
-                if tool.name == "finish":
-                    step.observation = argument
-                elif previous == (tool.name, argument.casefold()):
-                    repeats += 1
-                    step.observation = (
-                        f"You just did {tool.name}[{argument}]; its result is above."
-                        " Do something else or finish[answer]."
-                    )
-                else:
-                    repeats = 0
-                    try:
-                        step.observation = str(tool(argument))[:MAX_OBSERVATION_CHARS]
-                    except Exception as error:  # a tool's failure is the model's observation
-                        step.observation = f"Error from {tool.name}: {error}"
-                        step.tool_error = True
-                previous = (tool.name, argument.casefold())
-            step.seconds = {"generate": t1 - t0, "tool": time.perf_counter() - t1}
-            yield step
-            if repeats >= 3:  # stuck: more steps will not help, the fallback might
-                return
-            messages = [
-                *messages,
-                {"role": "assistant", "content": raw},
-                {"role": "user", "content": f"Observation: {step.observation}"},
-            ]
-
-    def _tool_loop(
-        self, question: str, registry: ToolRegistry, result: Trajectory
-    ) -> Iterator[Step]:
-        """The same loop with the model's native tool calls (vLLM: a --tool-call-parser)."""
-        messages: list[Any] = load_messages("react_tools", question=question)
-        schemas = [t.openai_schema() for t in registry]
-        previous: tuple[str, str] | None = None
-        for _ in range(self.max_steps):
-            t0 = time.perf_counter()
-            completion = self.model.complete_tools(  # type: ignore[attr-defined]
-                messages, schemas, max_tokens=self.max_tokens, temperature=0.0
+    @staticmethod
+    def _act(draft: Draft, registry: ToolRegistry, previous: tuple[str, str] | None) -> Step:
+        """The step for ``draft``: its tool's observation, or why it did not run."""
+        tool = registry.get(draft.name) if draft.name is not None else None
+        step = Step(draft.thought, draft.name, draft.argument, "", draft.raw)
+        if tool is None:
+            step.parse_failed, step.observation = True, draft.invalid
+        elif tool.name == "finish":
+            step.observation = draft.argument
+        elif previous == (tool.name, draft.argument.casefold()):
+            step.observation = (
+                f"{REPEATED} {tool.name}[{draft.argument}]; its result is above."
+                " Do something else or finish[answer]."
             )
-            result.usage.prompt_tokens += completion.usage.prompt_tokens
-            result.usage.completion_tokens += completion.usage.completion_tokens
-            t1 = time.perf_counter()
-            recovered = tool_call_from_text(completion.text, registry.names())
-            calls = completion.tool_calls or ([recovered] if recovered else [])
-            if not calls:  # an answer in words ends the episode
-                step = Step("", "finish", completion.text.strip(), completion.text.strip(), "")
-            else:
-                call = calls[0]
-                try:
-                    args: Any = json.loads(call.arguments or "{}")
-                except ValueError:
-                    args = call.arguments
-                argument = (
-                    str(next(iter(args.values()), "")) if isinstance(args, dict) else str(args)
-                )
-                tool = registry.get(call.name)
-                step = Step(completion.text.strip(), call.name, argument, "", call.arguments)
-                if tool is None:
-                    step.parse_failed = True
-                    step.observation = f"No tool {call.name}; tools: {registry.names()}"
-                elif tool.name == "finish":
-                    step.observation = argument
-                elif previous == (tool.name, argument.casefold()):
-                    step.observation = f"You just called {tool.name} with that; do something else."
-                else:
-                    try:
-                        step.observation = str(tool(args))[:MAX_OBSERVATION_CHARS]
-                    except Exception as error:
-                        step.observation, step.tool_error = f"Error from {tool.name}: {error}", True
-                previous = (call.name, argument.casefold())
-                messages += [
-                    {
-                        "role": "assistant",
-                        "content": completion.text or None,
-                        "tool_calls": [
-                            {
-                                "id": call.id,
-                                "type": "function",
-                                "function": {"name": call.name, "arguments": call.arguments},
-                            }
-                        ],
-                    },
-                    {"role": "tool", "tool_call_id": call.id, "content": step.observation},
-                ]
-            step.seconds = {"generate": t1 - t0, "tool": time.perf_counter() - t1}
-            yield step
+        else:
+            try:
+                step.observation = str(tool(draft.call_with))[:MAX_OBSERVATION_CHARS]
+            except Exception as error:  # a tool's failure is the model's observation
+                step.observation, step.tool_error = f"Error from {tool.name}: {error}", True
+        return step
 
     def _fallback(self, question: str) -> str:
         if self.index is None:
@@ -332,3 +268,91 @@ class ReAct:
             if isinstance(item, Trajectory):
                 return item
         raise AssertionError("unreachable")
+
+
+class TextSteps:
+    """Drafts ``Thought: …`` / ``Action: tool[arg]`` steps, regex-constrained when structured."""
+
+    def __init__(self, agent: ReAct, question: str, registry: ToolRegistry) -> None:
+        self.agent, self.registry = agent, registry
+        self.messages: list[Message] = load_messages(
+            agent.prompt, question=question, tools=registry.describe()
+        )
+        self.constraint = (
+            Structured(regex=step_regex(registry.names())) if agent.structured else None
+        )
+
+    def draft(self, temperature: float) -> Draft:
+        completion = self.agent.model.complete(
+            self.messages,
+            stop=["\nObservation"],
+            max_tokens=self.agent.max_tokens,
+            temperature=temperature,
+            structured=self.constraint,
+        )
+        raw = completion.text.strip()
+        invalid = (
+            "Invalid step. Write two lines: 'Thought: ...' then 'Action: tool[argument]' with "
+            f"tool one of {self.registry.names()}."
+        )
+        parsed = parse_step(raw)
+        if parsed is None:
+            return Draft("", None, "", "", raw, completion.usage, invalid)
+        thought, name, argument = parsed
+        return Draft(thought, name, argument, argument, raw, completion.usage, invalid)
+
+    def observe(self, draft: Draft, observation: str) -> None:
+        self.messages = [
+            *self.messages,
+            {"role": "assistant", "content": draft.raw},
+            {"role": "user", "content": f"Observation: {observation}"},
+        ]
+
+
+class ToolCallSteps:
+    """Drafts steps from the model's native tool calls (vLLM: a ``--tool-call-parser``); an
+    answer in words is ``finish``."""
+
+    def __init__(self, agent: ReAct, question: str, registry: ToolRegistry) -> None:
+        self.agent, self.registry = agent, registry
+        self.messages: list[Any] = load_messages("react_tools", question=question)
+        self.schemas = [t.openai_schema() for t in registry]
+        self.call: ToolCall | None = None
+
+    def draft(self, temperature: float) -> Draft:
+        completion = self.agent.model.complete_tools(  # type: ignore[attr-defined]
+            self.messages, self.schemas, max_tokens=self.agent.max_tokens, temperature=temperature
+        )
+        text = completion.text.strip()
+        recovered = tool_call_from_text(completion.text, self.registry.names())
+        calls = completion.tool_calls or ([recovered] if recovered else [])
+        if not calls:
+            self.call = None
+            return Draft("", "finish", text, text, "", completion.usage)
+        call = self.call = calls[0]
+        try:
+            args: Any = json.loads(call.arguments or "{}")
+        except ValueError:
+            args = call.arguments
+        argument = str(next(iter(args.values()), "")) if isinstance(args, dict) else str(args)
+        invalid = f"No tool {call.name}; tools: {self.registry.names()}"
+        return Draft(text, call.name, argument, args, call.arguments, completion.usage, invalid)
+
+    def observe(self, draft: Draft, observation: str) -> None:
+        call = self.call
+        if call is None:
+            return
+        self.messages += [
+            {
+                "role": "assistant",
+                "content": draft.thought or None,
+                "tool_calls": [
+                    {
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": call.arguments},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": call.id, "content": observation},
+        ]

@@ -277,3 +277,13 @@ def test_titles_are_read_again_only_when_the_index_changes(index: Index) -> None
         ]
     )
     assert DocumentExplorer(index).search("Kestrel") == "A kestrel is a falcon."
+
+
+def test_tools_mode_gets_the_same_protection_against_a_stuck_agent(index: Index) -> None:
+    stuck = 'search({"entity": "Andrews (surname)"})'
+    model = ScriptedChatModel(lambda m, **kw: stuck if kw.get("tools") else "RAG says hi.")
+    result = ReAct(model, index=index, mode="tools", max_steps=8).run("q")
+    assert len(result.steps) == 4 and result.fallback and result.answer == "RAG says hi."
+    assert result.steps[1].observation.startswith("You just did search[Andrews (surname)]")
+    temperatures = [c.kwargs["temperature"] for c in model.calls[:4]]
+    assert temperatures == [0.0, 0.0, 0.7, 0.7]
