@@ -147,7 +147,7 @@ class PAL:
         completion = self.model.complete(
             messages, n=self.samples, temperature=self.temperature, max_tokens=self.max_tokens
         )
-        usage = Usage(completion.usage.prompt_tokens, completion.usage.completion_tokens)
+        usage = Usage() + completion.usage
         generated = time.perf_counter()
         samples = []
         for reply in completion.texts:
@@ -163,11 +163,10 @@ class PAL:
                     *load_messages("pal_repair", error=result.error),
                 ]
                 again = self.model.complete(fix, temperature=0.0, max_tokens=self.max_tokens)
-                usage.prompt_tokens += again.usage.prompt_tokens
-                usage.completion_tokens += again.usage.completion_tokens
-                program2, result2 = self._run(again.text, cancel)
-                if result2.ok:
-                    sample = Sample(again.text, program2, result2, repaired=True)
+                usage += again.usage
+                repaired_program, repaired_result = self._run(again.text, cancel)
+                if repaired_result.ok:
+                    sample = Sample(again.text, repaired_program, repaired_result, repaired=True)
             samples.append(sample)
         executed = time.perf_counter()
         good = [s for s in samples if s.result.ok and s.result.value is not None]
@@ -186,8 +185,7 @@ class PAL:
                 max_tokens=80,
             )
             text = words.text.strip()
-            usage.prompt_tokens += words.usage.prompt_tokens
-            usage.completion_tokens += words.usage.completion_tokens
+            usage += words.usage
         return PALAnswer(
             question=question,
             value=value,
