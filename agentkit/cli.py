@@ -484,25 +484,14 @@ def serve_command(
             opened = (
                 Index.open(index, settings=settings) if (index or settings.index.exists()) else None
             )
-            keys = tuple(k.strip() for k in (settings.api_keys or "").split(",") if k.strip())
-            roots = tuple(
-                r.strip() for r in (settings.api_document_roots or "").split(",") if r.strip()
-            )
-            config = ApiConfig(
-                api_keys=keys,
-                max_body_bytes=settings.api_max_body_bytes,
-                rate_limit_per_minute=settings.api_rate_limit_per_minute,
-                document_roots=roots,
-                upload_dir=str(settings.api_upload_dir) if settings.api_upload_dir else None,
-            )
             app_ = create_app(
                 connect(settings),
                 opened,
                 feedback=FeedbackStore(settings.feedback_db),
-                config=config,
+                config=ApiConfig.from_settings(settings),
                 conversations=ConversationStore(settings.conversations_db),
             )
-            uvicorn.run(app_, host=host, port=port, log_level="info")
+            uvicorn.run(app_, host=host, port=port, log_level="info", server_header=False)
         finally:
             if server is not None:
                 server.stop()

@@ -272,20 +272,20 @@ def test_documents_are_uploaded_indexed_in_the_background_and_deleted(
     config = ApiConfig(document_roots=(str(docs),), upload_dir=str(tmp_path / "uploads"))
     running = Running(create_app(ScriptedChatModel(reply), index, config=config))
     try:
-        files = {
-            "files": (
-                "../../evil/kestrel.md",
-                b"# Kestrel\n\nThe kestrel flag enables turbo mode.\n",
-            )
-        }
-        job = httpx.post(running.url + "/v1/documents", files=files).json()
+        kestrel = b"# Kestrel\n\nThe kestrel flag enables turbo mode.\n"
+        traversal = {"files": ("../../evil/kestrel.md", kestrel)}
+        refused = httpx.post(running.url + "/v1/documents", files=traversal)
+        assert refused.status_code == 400 and "path separator" in refused.json()["error"]["message"]
+        job = httpx.post(running.url + "/v1/documents", files={"files": ("kestrel.md", kestrel)})
+        job = job.json()
         for _ in range(200):
             status = httpx.get(f"{running.url}/v1/documents/jobs/{job['id']}").json()
             if status["state"] != "running":
                 break
             time.sleep(0.05)
         assert status["state"] == "done" and status["summary"]["added"] == 1, status
-        assert (tmp_path / "uploads" / "kestrel.md").exists()  # the name, never the path
+        assert (tmp_path / "uploads" / "kestrel.md").exists()
+        assert not (tmp_path / "evil").exists()
         hits = httpx.post(running.url + "/v1/search", json={"query": "kestrel turbo"}).json()
         assert hits["data"][0]["source"] == "kestrel.md"
         outside = httpx.post(running.url + "/v1/documents/folder", json={"folder": "/etc"})
