@@ -493,6 +493,11 @@ class UploadOwners:
             self._owners: dict[str, str] = json.loads((folder / self.FILE).read_text("utf-8"))
         except FileNotFoundError:
             self._owners = {}
+        except (ValueError, OSError) as error:
+            raise ConfigError(
+                f"{folder / self.FILE} cannot be read ({error}); restore it, or delete it to make "
+                "every upload so far an admin's"
+            ) from None
 
     def owner_of(self, name: str) -> str | None:
         return self._owners.get(name)
@@ -558,6 +563,7 @@ def create_app(
     jobs: dict[str, dict[str, Any]] = {}
     upload_root = Path(config.upload_dir).resolve() if config.upload_dir else None
     uploads: UploadOwners | None = None
+    upload_lock = threading.Lock()  # upload checks and writes, and deletes of uploaded files
     if upload_root is not None:
         upload_root.mkdir(parents=True, exist_ok=True)
         uploads = UploadOwners(upload_root)
@@ -822,14 +828,6 @@ def create_app(
                 raise HTTPException(400, "two files have the same name; send each name once")
             loaded = []
             for item, name in zip(items, names):
-                owner = uploads.owner_of(name)
-                exists = existing_upload(upload_root, name)  # 400 for a link
-                if exists and not caller.admin and owner != caller.owner:
-                    raise HTTPException(
-                        409,
-                        f"a document named {name} was uploaded with another API key; "
-                        "upload yours under another name",
-                    )
                 raw = await item.read()
                 try:
                     doc = load_file(upload_root / name, upload_root, raw=raw)
@@ -843,9 +841,18 @@ def create_app(
             await form.close()
         if not loaded:
             raise HTTPException(400, "no indexable files (.md .txt .rst .html .pdf) in 'files'")
-        for name, raw, _ in loaded:
-            write_upload(upload_root, name, raw)
-            uploads.set(name, caller.owner)
+        with upload_lock:  # no other upload or delete between the checks and the writes
+            for name, _, _ in loaded:
+                exists = existing_upload(upload_root, name)  # 400 for a link
+                if exists and not caller.admin and uploads.owner_of(name) != caller.owner:
+                    raise HTTPException(
+                        409,
+                        f"a document named {name} was uploaded with another API key; "
+                        "upload yours under another name",
+                    )
+            for name, raw, _ in loaded:
+                write_upload(upload_root, name, raw)
+                uploads.set(name, caller.owner)
         docs = [doc for _, _, doc in loaded]
         return start_job("upload", caller, lambda: target.add_documents(docs))
 
@@ -880,11 +887,12 @@ def create_app(
                 )
             removed = target.remove_source(source)
         if upload_name and upload_root and uploads and str(upload_root) in roots:
-            try:
-                os.unlink(upload_root / source)  # the link or file itself, never its target
-            except FileNotFoundError:
-                pass
-            uploads.set(source, None)
+            with upload_lock:
+                try:
+                    os.unlink(upload_root / source)  # the link or file itself, never its target
+                except FileNotFoundError:
+                    pass
+                uploads.set(source, None)
         if not removed:
             raise HTTPException(404, f"no document with source {source!r}")
         return {"deleted": source, "documents": removed}

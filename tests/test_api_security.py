@@ -308,6 +308,19 @@ def test_every_response_carries_the_security_headers(api: Api) -> None:
     assert "https://cdn.jsdelivr.net" in docs.headers["content-security-policy"]
 
 
+def test_an_unexpected_error_carries_the_security_headers_too() -> None:
+    def broken(messages: list, **kw: object) -> str:
+        raise RuntimeError("/srv/secret/path broke")
+
+    app = create_app(ScriptedChatModel(broken), None)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        body = {"model": "x", "messages": [{"role": "user", "content": "hi"}]}
+        response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 500 and "/srv/secret" not in response.text
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["content-security-policy"].startswith("default-src 'none'")
+
+
 def test_serve_turns_off_the_server_banner_and_wires_the_key_settings(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
