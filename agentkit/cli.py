@@ -40,8 +40,8 @@ def reported_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+def print_json(data: Any, indent: int | None = 2) -> None:
+    sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=indent) + "\n")
 
 
 @contextmanager
@@ -308,7 +308,7 @@ def sandbox_run_command(
         code = file.read_text(encoding="utf-8", errors="replace")
         with Sandbox(allowed_imports=DEFAULT_IMPORTS | set(allow_import or ())) as sandbox:
             result = sandbox.run(code, entry=entry, timeout_s=timeout, memory_mb=memory)
-    print_json(result.to_dict())
+    print_json(result.to_dict(), indent=None)  # a nested value indented would be ~50x its size
 
 
 @app.command("pal")
