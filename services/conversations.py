@@ -17,6 +17,7 @@ from pathlib import Path
 
 from agentkit.errors import AgentkitError
 from agentkit.llm import ChatModel, Message
+from agentkit.services.feedback import use_wal, when_free
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS messages (
@@ -53,7 +54,7 @@ class ConversationStore:
         self.keep_messages = max(keep_messages or 4 * max_messages, max_messages)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        when_free(lambda: use_wal(self._db))
         self._lock = threading.Lock()
         with self._writing() as db:
             for statement in SCHEMA:

@@ -9,10 +9,11 @@ completion with a positive net rating with every one with a negative net rating,
 Every record carries its ``owner`` (the API key's name; NULL for records written before owners
 existed), and an export can be limited to one owner.
 
-SQLite in WAL mode. Writers in one process take turns on one connection behind a lock, so they
-queue in memory instead of in SQLite's busy handler (whose sleeps grow to 100 ms); the busy
-timeout is only for writers in other processes. Reads use pooled connections of their own, and
-an export is read in one transaction: a consistent snapshot, returned whole.
+SQLite in WAL mode. Writers in one process share one connection behind a lock and commit together
+(group commit), so they queue in memory instead of in SQLite's busy handler, whose sleeps grow to
+100 ms; only writers in other processes are waited for there, up to a busy timeout. Reads use
+pooled connections of their own, and an export is read in one transaction: a consistent
+snapshot, returned whole.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import sqlite3
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,22 +40,63 @@ SCHEMA = [
 ]
 OWNER_INDEX = "CREATE INDEX IF NOT EXISTS feedback_by_owner ON feedback(owner, kind, id)"
 BUSY_TIMEOUT_MS = 30_000
+BUSY_POLL_S = (0.0001, 0.002)  # first and longest pause between tries for another process's lock
 POOLED_READERS = 4
+
+
+def when_free(statement: Callable[[], object]) -> None:
+    """Run ``statement``, retrying while another process holds the lock, up to the busy timeout.
+
+    SQLite's own busy handler sleeps up to 100 ms at a time, long after the lock is free; only
+    one thread per process waits here (the others queue on the writer lock), so polling every
+    2 ms at most costs nothing.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    pause = BUSY_POLL_S[0]
+    while True:
+        try:
+            statement()
+            return
+        except sqlite3.OperationalError as error:
+            busy = "locked" in str(error) or "busy" in str(error)
+            if not busy or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(2 * pause, BUSY_POLL_S[1])
+
+
+def use_wal(db: sqlite3.Connection) -> None:
+    """Switch the file to WAL. Run it under ``when_free``: SQLite does not always wait here for
+    another process opening the same new file, it answers "database is locked" at once."""
+    if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        db.execute("PRAGMA journal_mode=WAL")
+
+
+@dataclass
+class PendingWrite:
+    row: dict[str, Any]
+    rowid: int = 0
+    error: BaseException | None = None
+    done: bool = False
 
 
 class FeedbackStore:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._write_lock = threading.Lock()
+        self._write_lock = threading.Lock()  # guards the writer connection
+        self._batches = threading.Condition()  # guards the queue; see _insert
+        self._queue: list[PendingWrite] = []
+        self._writing_batch = False
         self._writer = self._open()
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
-        self._writer.execute("PRAGMA journal_mode=WAL")
+        when_free(lambda: use_wal(self._writer))
         if not self._up_to_date(self._writer):
-            with self._writing() as db:  # statement by statement: executescript would COMMIT
-                for statement in SCHEMA:
+            with self._write_lock, self._writing() as db:
+                for statement in SCHEMA:  # one by one: executescript would COMMIT
                     db.execute(statement)
                 self._migrate(db)
+        self._writer.execute("PRAGMA busy_timeout=0")  # when_free waits, in shorter steps
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(
@@ -78,17 +121,16 @@ class FeedbackStore:
 
     @contextmanager
     def _writing(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction on the shared writer connection; writers queue on the lock."""
-        with self._write_lock:
-            db = self._writer
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+        """One write transaction on the writer connection; the caller holds the writer lock."""
+        db = self._writer
+        when_free(lambda: db.execute("BEGIN IMMEDIATE"))
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
 
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
@@ -108,13 +150,55 @@ class FeedbackStore:
                 db.close()
 
     def _insert(self, **row: Any) -> int:
-        with self._writing() as db:
-            cursor = db.execute(
-                f"INSERT INTO feedback ({', '.join(row)}, created) VALUES "
-                f"({', '.join('?' * len(row))}, ?)",
-                [*row.values(), time.time()],
-            )
-        return int(cursor.lastrowid or 0)
+        """Queue the row; unless a batch is being written, write every queued row, else wait.
+
+        Group commit: one thread at a time writes all the rows queued so far in one transaction
+        (a savepoint each, so a bad row fails alone), so 64 waiting writers cost one commit, not
+        64 one after another. Waiters sleep on a condition, not on the writer lock, so a row that
+        is committed returns at once, whichever thread wrote it.
+        """
+        write, batch = PendingWrite(row), []
+        with self._batches:
+            self._queue.append(write)
+            while self._writing_batch and not write.done:
+                self._batches.wait()
+            if not write.done:  # nobody is writing: this thread writes the batch
+                batch, self._queue, self._writing_batch = self._queue, [], True
+        if batch:
+            try:
+                with self._write_lock:
+                    self._write_batch(batch)
+            finally:
+                with self._batches:
+                    for pending in batch:
+                        pending.done = True
+                    self._writing_batch = False
+                    self._batches.notify_all()
+        if write.error is not None:
+            raise write.error
+        return write.rowid
+
+    def _write_batch(self, batch: list[PendingWrite]) -> None:
+        """One transaction for the batch; called with the writer lock held."""
+        try:
+            with self._writing() as db:
+                for write in batch:
+                    db.execute("SAVEPOINT row")
+                    try:
+                        cursor = db.execute(
+                            f"INSERT INTO feedback ({', '.join(write.row)}, created) VALUES "
+                            f"({', '.join('?' * len(write.row))}, ?)",
+                            [*write.row.values(), time.time()],
+                        )
+                        write.rowid = int(cursor.lastrowid or 0)
+                    except sqlite3.Error as error:
+                        db.execute("ROLLBACK TO row")
+                        write.error = error
+                    db.execute("RELEASE row")
+        except BaseException as error:  # nothing of the batch was committed
+            for write in batch:
+                write.error = write.error or error
+            raise
 
     def add_rating(
         self,

@@ -4,6 +4,8 @@ writes, writers queued in process on one connection."""
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -91,7 +93,7 @@ def test_exports_under_16_concurrent_writers_are_whole_snapshots(tmp_path: Path)
     every pair.
     """
     store = FeedbackStore(tmp_path / "f.sqlite")
-    writers, rounds = 16, 40
+    writers, rounds = 16, 20
     done = threading.Event()
 
     def write(w: int) -> None:
@@ -117,7 +119,7 @@ def test_exports_under_16_concurrent_writers_are_whole_snapshots(tmp_path: Path)
         return sizes
 
     with ThreadPoolExecutor(writers + 3) as pool:
-        exporters = [pool.submit(export_until_done) for _ in range(3)]
+        exporters = [pool.submit(export_until_done) for _ in range(2)]
         list(pool.map(write, range(writers)))
         done.set()
         sizes = [e.result() for e in exporters]
@@ -170,3 +172,63 @@ def test_a_failed_write_leaves_the_writer_usable(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="rating must be"):
         store.add_rating("p", "c", 2, "ann")
     assert store.count() == 1
+
+
+def test_a_bad_row_fails_alone_among_concurrent_writes(tmp_path: Path) -> None:
+    """Writers that queue together commit together; a row SQLite refuses fails on its own."""
+    store = FeedbackStore(tmp_path / "f.sqlite")
+    barrier = threading.Barrier(32)
+
+    def write(i: int) -> str:
+        barrier.wait()
+        try:
+            store.add_rating(f"p{i}", "c", 1, None if i % 4 == 0 else "ann")  # type: ignore[arg-type]
+        except sqlite3.IntegrityError:
+            return "refused"
+        return "stored"
+
+    with ThreadPoolExecutor(32) as pool:
+        outcomes = list(pool.map(write, range(32)))
+    assert outcomes == ["refused" if i % 4 == 0 else "stored" for i in range(32)]
+    stored = sqlite3.connect(tmp_path / "f.sqlite").execute("SELECT prompt FROM feedback")
+    assert sorted(p for (p,) in stored) == sorted(f"p{i}" for i in range(32) if i % 4)
+
+
+WRITER_PROCESS = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("feedback_under_test", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = module
+spec.loader.exec_module(module)
+print("ready", flush=True)
+sys.stdin.readline()
+store = module.FeedbackStore(sys.argv[2])
+for i in range(100):
+    store.add_rating(f"p{i}", f"c{i}", 1, "x", owner=sys.argv[3])
+"""
+
+
+def test_processes_opening_a_new_database_at_once_all_write(tmp_path: Path) -> None:
+    """Switching a new file to WAL does not wait for other connections; openers retry."""
+    path = tmp_path / "f.sqlite"
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER_PROCESS, feedback.__file__, str(path), f"p{k}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for k in range(4)
+    ]
+    for worker in workers:
+        assert worker.stdout and worker.stdout.readline() == "ready\n"
+    for worker in workers:
+        assert worker.stdin
+        worker.stdin.write("go\n")
+        worker.stdin.flush()
+    for worker in workers:
+        _, errors = worker.communicate(timeout=120)
+        assert worker.returncode == 0, errors
+    store = FeedbackStore(path)
+    assert [store.count(f"p{k}") for k in range(4)] == [100] * 4
