@@ -21,6 +21,7 @@ from agentkit.budget import fit_prompt
 from agentkit.llm import ChatModel, Message, Usage
 from agentkit.prompts import load_messages
 from agentkit.retrievers import Hit, Index
+from agentkit.settings import Settings
 
 NO_ANSWER = "The sources do not contain the answer."
 CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
@@ -124,6 +125,20 @@ class RAG:
         self.index, self.model, self.k = index, model, k
         self.max_tokens, self.temperature = max_tokens, temperature
         self.min_similarity, self.prompt = min_similarity, prompt
+
+    @classmethod
+    def from_settings(
+        cls, index: Index, model: ChatModel, settings: Settings, *, max_tokens: int | None = None
+    ) -> RAG:
+        """RAG with ``AGENTKIT_RAG_K``, ``_MAX_TOKENS`` and ``_MIN_SIMILARITY`` applied (a request's
+        own ``max_tokens`` wins): how every entry point builds it."""
+        return cls(
+            index,
+            model,
+            k=settings.rag_k,
+            max_tokens=max_tokens or settings.rag_max_tokens,
+            min_similarity=settings.rag_min_similarity,
+        )
 
     def prepare(self, question: str) -> tuple[Answer, list[Message] | None, int]:
         """Retrieve and build the prompt; returns the answer so far, messages and token room."""
