@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -164,15 +164,9 @@ def ask_command(
     from agentkit.retrievers import Index
 
     with reported_errors():
-        settings = get_settings(llm_url=llm_url)
+        settings = get_settings(llm_url=llm_url, rag_k=k)
         with Index.open(index, settings=settings) as opened, connect(settings) as model:
-            rag = RAG(
-                opened,
-                model,
-                k=k or settings.rag_k,
-                max_tokens=settings.rag_max_tokens,
-                min_similarity=settings.rag_min_similarity,
-            )
+            rag = RAG.from_settings(opened, model, settings)
             if stream and not as_json:
                 answer = None
                 for item in rag.stream(question):
@@ -515,24 +509,20 @@ def chat_command(
     conversation = uuid.uuid4().hex
 
     def answer_in_process(question: str) -> tuple[str, list[str]]:
+        from agentkit.agents import AgentContext, AgentRequest, get_agent, run_agent
         from agentkit.llm import connect
-        from agentkit.pal import PAL
-        from agentkit.rag import RAG
-        from agentkit.react import ReAct
         from agentkit.retrievers import Index
 
         settings = get_settings(llm_url=llm_url)
-        with connect(settings) as model:
-            if state["mode"] == "pal":
-                solved = PAL(model).solve(question)
-                return (solved.text or solved.result.error or ""), []
-            with Index.open(index, settings=settings) as opened:
-                if state["mode"] == "react":
-                    return ReAct(model, index=opened).run(question).answer, []
-                reply = RAG(opened, model).ask(question)
-                return reply.text, [
-                    f"[{c.number}] {relative(c.hit.location)}" for c in reply.citations
-                ]
+        name = f"agentkit-{state['mode']}"
+        with connect(settings) as model, ExitStack() as stack:
+            opened = None
+            if get_agent(name).needs_index:
+                opened = stack.enter_context(Index.open(index, settings=settings))
+            context = AgentContext(model, settings, index=opened)
+            result = run_agent(name, context, AgentRequest.ask(question))
+        citations = result.data.get("citations", [])
+        return result.text, [f"[{c['number']}] {relative(c['location'])}" for c in citations]
 
     def answer_remote(question: str) -> tuple[str, list[str]]:
         with Client(api_url) as client:  # type: ignore[arg-type]
