@@ -17,7 +17,16 @@ from agentkit.errors import (
     SandboxError,
     ToolError,
 )
-from agentkit.llm import ChatModel, Completion, Delta, OpenAIChatModel, Structured, Usage, connect
+from agentkit.llm import (
+    ChatModel,
+    Completion,
+    Delta,
+    ModelSettings,
+    OpenAIChatModel,
+    Structured,
+    Usage,
+    connect,
+)
 from agentkit.pal import PAL, PALAnswer
 from agentkit.rag import RAG, Answer, Citation
 from agentkit.react import ReAct, Step, Trajectory
@@ -30,7 +39,7 @@ from agentkit.retrievers import (
     register_loader,
 )
 from agentkit.settings import Settings, get_settings
-from agentkit.testing import ScriptedChatModel
+from agentkit.testing import HashingEmbedder, ScriptedChatModel
 from agentkit.tools.registry import Tool, ToolRegistry, from_langchain, tool
 from agentkit.tools.sandbox import Sandbox, SandboxResult, python_tool
 
@@ -40,11 +49,12 @@ __version__ = "0.1.0"
 __all__ = [
     "PAL", "RAG", "AgentkitError", "Answer", "AsyncClient", "ChatModel", "ChatReply", "Citation",
     "Client", "Completion", "ConfigError", "ContextBudgetError", "Delta", "EmbeddingModelError",
-    "Hit", "Index", "IndexFormatError", "IndexLockedError", "IndexNotFoundError",
-    "InvalidPathError", "InvalidQueryError", "LLMError", "LoadedDocument", "ModelPrepareError",
-    "ModelServerError", "OpenAIChatModel", "PALAnswer", "ReAct", "Sandbox", "SandboxError",
-    "SandboxResult", "ScriptedChatModel", "Settings", "Step", "Structured", "SyncSummary", "Tool",
-    "ToolError", "ToolRegistry", "Trajectory", "Usage", "connect", "from_langchain",
-    "get_settings", "index_folder", "python_tool", "register_loader", "tool",
+    "HashingEmbedder", "Hit", "Index", "IndexFormatError", "IndexLockedError",
+    "IndexNotFoundError", "InvalidPathError", "InvalidQueryError", "LLMError", "LoadedDocument",
+    "ModelPrepareError", "ModelServerError", "ModelSettings", "OpenAIChatModel", "PALAnswer",
+    "ReAct", "Sandbox", "SandboxError", "SandboxResult", "ScriptedChatModel", "Settings", "Step",
+    "Structured", "SyncSummary", "Tool", "ToolError", "ToolRegistry", "Trajectory", "Usage",
+    "connect", "from_langchain", "get_settings", "index_folder", "python_tool",
+    "register_loader", "tool",
 ]
 # fmt: on

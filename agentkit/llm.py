@@ -2,18 +2,21 @@
 
 ``OpenAIChatModel`` talks to any OpenAI-compatible server (vLLM first of all): chat completions,
 streaming over SSE, vLLM's structured outputs, ``/tokenize`` for exact prompt sizes and
-``max_model_len`` for the context. Connection errors, timeouts, 429 and 5xx are retried with
-exponential backoff (spreading over replicas when several URLs are given); every other failure
-becomes an ``LLMError``/``ModelServerError`` whose message says what to do.
+``max_model_len`` for the context. Generation options travel as one ``ModelSettings`` (or as
+keyword arguments). Connection errors, timeouts, 429 and 5xx are retried with exponential backoff
+(spreading over replicas when several URLs are given): ``_attempts`` is that loop, written once,
+and the sync, async, plain and streaming requests only do the I/O of each attempt. Every other
+failure becomes an ``LLMError``/``ModelServerError`` whose message says what to do.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 import httpx
@@ -24,11 +27,18 @@ from agentkit.sse import aiter_events, iter_events
 Message = Mapping[str, str]
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 START_HINT = "start one with `agentkit model serve` or set AGENTKIT_LLM_URL"
+CHAT = "/v1/chat/completions"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Structured:
-    """vLLM structured outputs: exactly one of a regex, a JSON schema, a choice or a grammar."""
+    """vLLM structured outputs: exactly one of a regex, a JSON schema, a choice or a grammar.
+
+    Sent as ``structured_outputs``, which vLLM reads from 0.10.2 on (the ``guided_*`` fields it
+    replaced are gone since 0.12). Older servers ignore it, so callers parse tolerantly anyway; a
+    server that refuses it as an unknown field gets the request again without it.
+    """
 
     regex: str | None = None
     json_schema: dict[str, Any] | None = None
@@ -46,6 +56,42 @@ class Structured:
         if len(given) != 1:
             raise LLMError("Structured takes exactly one of regex, json_schema, choice, grammar")
         return given
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Generation options for one call, in one object; ``None`` leaves the server's default.
+
+    Every ``ChatModel`` method takes one, and the same names as keyword arguments
+    (``model.complete(messages, max_tokens=64)``), which win over it when not ``None``.
+    """
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    stop: Sequence[str] | None = None
+    n: int = 1  # choices; a stream has one
+    structured: Structured | None = None
+
+    @classmethod
+    def of(
+        cls, settings: ModelSettings | None, options: Mapping[str, Any], *, stream: bool = False
+    ) -> ModelSettings:
+        """``settings`` with the keyword ``options`` a call was given (unknown names: TypeError)."""
+        chosen = replace(settings or cls(), **{k: v for k, v in options.items() if v is not None})
+        if stream and chosen.n != 1:
+            raise LLMError(f"a stream gives one choice, not n={chosen.n}: use complete()")
+        return chosen
+
+    def to_request(self) -> dict[str, Any]:
+        """The OpenAI-compatible request fields these settings set."""
+        fields = {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "stop": list(self.stop) if self.stop else None,
+            "n": self.n if self.n != 1 else None,
+            "structured_outputs": self.structured.to_request() if self.structured else None,
+        }
+        return {name: value for name, value in fields.items() if value is not None}
 
 
 @dataclass
@@ -100,48 +146,30 @@ class Delta:
 
 @runtime_checkable
 class ChatModel(Protocol):
-    """What agents need from a model. ``OpenAIChatModel`` and ``ScriptedChatModel`` implement it."""
+    """What agents need from a model. ``OpenAIChatModel`` and ``ScriptedChatModel`` implement it.
+
+    Generation options come as a ``ModelSettings``, as keyword arguments named like its fields
+    (``stop``, ``max_tokens``, ``temperature``, ``n``, ``structured``), or both.
+    """
 
     def complete(
-        self,
-        messages: Sequence[Message],
-        *,
-        stop: Sequence[str] | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        n: int = 1,
-        structured: Structured | None = None,
-    ) -> Completion: ...
+        self, messages: Sequence[Message], settings: ModelSettings | None = None, **options: Any
+    ) -> Completion:
+        """The ``n`` choices of a reply."""
+        ...
 
     def stream(
-        self,
-        messages: Sequence[Message],
-        *,
-        stop: Sequence[str] | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        structured: Structured | None = None,
-    ) -> Iterator[Delta]: ...
+        self, messages: Sequence[Message], settings: ModelSettings | None = None, **options: Any
+    ) -> Iterator[Delta]:
+        """One reply as it is generated; the last delta carries the finish reason and usage."""
+        ...
 
     async def acomplete(
-        self,
-        messages: Sequence[Message],
-        *,
-        stop: Sequence[str] | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        n: int = 1,
-        structured: Structured | None = None,
+        self, messages: Sequence[Message], settings: ModelSettings | None = None, **options: Any
     ) -> Completion: ...
 
     def astream(
-        self,
-        messages: Sequence[Message],
-        *,
-        stop: Sequence[str] | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        structured: Structured | None = None,
+        self, messages: Sequence[Message], settings: ModelSettings | None = None, **options: Any
     ) -> AsyncIterator[Delta]: ...
 
     def count_tokens(self, messages: Sequence[Message]) -> int:
@@ -156,6 +184,32 @@ class ChatModel(Protocol):
 def normalize_url(url: str) -> str:
     url = url.strip().rstrip("/")
     return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+@dataclass
+class Attempt:
+    """One try of a request: where to send which body, after how long a wait. The driver records
+    the outcome: the response, or the transport error that ``with attempt:`` catches."""
+
+    url: str
+    body: dict[str, Any] | None
+    delay_s: float
+    outcome: httpx.Response | httpx.TransportError | None = None
+    sent: bool = False  # part of a stream reached the caller: a retry would repeat it
+
+    def __enter__(self) -> Attempt:
+        return self
+
+    def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> bool:
+        if isinstance(error, httpx.TransportError):
+            self.outcome = error
+            return True
+        return False
+
+    def delta(self, event: dict[str, Any]) -> Delta:
+        """A stream event for the caller (so from now on the attempt is not retried)."""
+        self.sent = True
+        return parse_delta(event)
 
 
 class OpenAIChatModel:
@@ -190,6 +244,7 @@ class OpenAIChatModel:
         self._turn = itertools.count()
         self._model = model
         self._max_model_len: int | None = None
+        self._structured_outputs = True  # False once the server refused the field
 
     # --- what is served -------------------------------------------------------------------------
 
@@ -207,7 +262,7 @@ class OpenAIChatModel:
         return self._max_model_len or 4096
 
     def _load_models(self) -> None:
-        data = self._send("GET", "/v1/models", None).json().get("data") or []
+        data = self._send("GET", "/v1/models").get("data") or []
         if not data:
             raise ModelServerError(f"the model server at {self.urls[0]} serves no model")
         entry = next((d for d in data if d.get("id") == self._model), None)
@@ -221,193 +276,152 @@ class OpenAIChatModel:
     def count_tokens(self, messages: Sequence[Message]) -> int:
         body = {"model": self.model, "messages": list(messages), "add_generation_prompt": True}
         try:
-            return int(self._send("POST", "/tokenize", body).json()["count"])
+            return int(self._send("POST", "/tokenize", body)["count"])
         except LLMError:  # not vLLM: an estimate that errs on the large side
             return sum(len(m.get("content", "")) // 3 + 8 for m in messages)
 
     # --- requests -------------------------------------------------------------------------------
 
     def _body(
-        self,
-        messages: Sequence[Message],
-        stop: Sequence[str] | None,
-        max_tokens: int | None,
-        temperature: float | None,
-        n: int,
-        structured: Structured | None,
-        stream: bool,
+        self, messages: Sequence[Any], settings: ModelSettings, stream: bool = False
     ) -> dict[str, Any]:
         body: dict[str, Any] = {**self.extra_body, "model": self.model, "messages": list(messages)}
-        if n != 1:
-            body["n"] = n
-        if stop:
-            body["stop"] = list(stop)
-        if max_tokens is not None:
-            body["max_tokens"] = max_tokens
-        if temperature is not None:
-            body["temperature"] = temperature
-        if structured is not None:
-            body["structured_outputs"] = structured.to_request()
+        body.update(settings.to_request())
+        if not self._structured_outputs:
+            body.pop("structured_outputs", None)
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
         return body
 
+    async def _abody(
+        self, messages: Sequence[Any], settings: ModelSettings, stream: bool = False
+    ) -> dict[str, Any]:
+        if self._model is None:  # the name comes from the server, through the sync client
+            await asyncio.to_thread(self._load_models)
+        return self._body(messages, settings, stream)
+
     def complete(
-        self,
-        messages: Sequence[Message],
-        *,
-        stop: Sequence[str] | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        n: int = 1,
-        structured: Structured | None = None,
+        self, messages: Sequence[Message], settings: ModelSettings | None = None, **options: Any
     ) -> Completion:
         started = time.perf_counter()
-        body = self._body(messages, stop, max_tokens, temperature, n, structured, False)
-        return parse_completion(self._send("POST", "/v1/chat/completions", body).json(), started)
+        body = self._body(messages, ModelSettings.of(settings, options))
+        return parse_completion(self._send("POST", CHAT, body), started)
 
     def complete_tools(
         self,
         messages: Sequence[Mapping[str, Any]],
         tools: Sequence[Mapping[str, Any]],
-        *,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
+        settings: ModelSettings | None = None,
+        **options: Any,
     ) -> Completion:
         """A completion that may call ``tools`` (OpenAI schema); vLLM needs a tool-call parser."""
         started = time.perf_counter()
-        body = self._body(messages, None, max_tokens, temperature, 1, None, False)  # type: ignore[arg-type]
+        body = self._body(messages, ModelSettings.of(settings, options))
         body["tools"], body["tool_choice"] = list(tools), "auto"
-        return parse_completion(self._send("POST", "/v1/chat/completions", body).json(), started)
+        return parse_completion(self._send("POST", CHAT, body), started)
 
     async def acomplete(
-        self,
-        messages: Sequence[Message],
-        *,
-        stop: Sequence[str] | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        n: int = 1,
-        structured: Structured | None = None,
+        self, messages: Sequence[Message], settings: ModelSettings | None = None, **options: Any
     ) -> Completion:
         started = time.perf_counter()
-        if self._model is None:
-            await asyncio.to_thread(self._load_models)
-        body = self._body(messages, stop, max_tokens, temperature, n, structured, False)
-        response = await self._asend("POST", "/v1/chat/completions", body)
-        return parse_completion(response.json(), started)
+        body = await self._abody(messages, ModelSettings.of(settings, options))
+        return parse_completion(await self._asend("POST", CHAT, body), started)
 
     def stream(
-        self,
-        messages: Sequence[Message],
-        *,
-        stop: Sequence[str] | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        structured: Structured | None = None,
+        self, messages: Sequence[Message], settings: ModelSettings | None = None, **options: Any
     ) -> Iterator[Delta]:
-        body = self._body(messages, stop, max_tokens, temperature, 1, structured, True)
-        sent = False
-        for attempt in itertools.count():
-            url = self._next_url()
-            try:
-                with self._client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-                    if r.status_code in RETRY_STATUS and attempt < self.max_retries:
-                        time.sleep(self._delay(attempt, r))
-                        continue
-                    check_status(r, url, read=r.read)
-                    for event in iter_events(r.iter_lines()):
-                        sent = True
-                        yield parse_delta(event)
-                    return
-            except httpx.TransportError as error:
-                if sent:  # a retry would repeat text the caller already has
-                    raise LLMError(f"the stream from {url} broke off ({error}); retry") from None
-                if attempt >= self.max_retries:
-                    raise transport_error(error, url, self.timeout) from None
-                time.sleep(self._delay(attempt, None))
+        body = self._body(messages, ModelSettings.of(settings, options, stream=True), True)
+        for attempt in self._attempts(body):
+            time.sleep(attempt.delay_s)
+            with attempt, self._client.stream("POST", attempt.url + CHAT, json=attempt.body) as r:
+                attempt.outcome = r
+                if r.is_error:
+                    r.read()  # the server's reason, for the error
+                    continue
+                for event in iter_events(r.iter_lines()):
+                    yield attempt.delta(event)
 
     async def astream(
-        self,
-        messages: Sequence[Message],
-        *,
-        stop: Sequence[str] | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        structured: Structured | None = None,
+        self, messages: Sequence[Message], settings: ModelSettings | None = None, **options: Any
     ) -> AsyncIterator[Delta]:
-        if self._model is None:
-            await asyncio.to_thread(self._load_models)
-        body = self._body(messages, stop, max_tokens, temperature, 1, structured, True)
+        body = await self._abody(messages, ModelSettings.of(settings, options, stream=True), True)
         client = self._async_client()
-        sent = False
-        for attempt in itertools.count():
-            url = self._next_url()
-            try:
-                async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-                    if r.status_code in RETRY_STATUS and attempt < self.max_retries:
-                        await asyncio.sleep(self._delay(attempt, r))
-                        continue
-                    if r.status_code >= 400:
+        for attempt in self._attempts(body):
+            await asyncio.sleep(attempt.delay_s)
+            with attempt:
+                async with client.stream("POST", attempt.url + CHAT, json=attempt.body) as r:
+                    attempt.outcome = r
+                    if r.is_error:
                         await r.aread()
-                    check_status(r, url, read=lambda: r.content)
+                        continue
                     async for event in aiter_events(r.aiter_lines()):
-                        sent = True
-                        yield parse_delta(event)
-                    return
-            except httpx.TransportError as error:
-                if sent:
-                    raise LLMError(f"the stream from {url} broke off ({error}); retry") from None
-                if attempt >= self.max_retries:
-                    raise transport_error(error, url, self.timeout) from None
-                await asyncio.sleep(self._delay(attempt, None))
+                        yield attempt.delta(event)
 
     # --- transport with retries -----------------------------------------------------------------
 
-    def _next_url(self) -> str:
-        return self.urls[next(self._turn) % len(self.urls)]
+    def _send(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """The JSON answer to one plain request, retried."""
+        for attempt in self._attempts(body):
+            time.sleep(attempt.delay_s)
+            with attempt:
+                attempt.outcome = self._client.request(
+                    method, attempt.url + path, json=attempt.body
+                )
+        return attempt.outcome.json()
 
-    def _delay(self, attempt: int, response: httpx.Response | None) -> float:
-        retry_after = response.headers.get("retry-after") if response is not None else None
-        if retry_after and retry_after.replace(".", "", 1).isdigit():
-            return min(float(retry_after), 30.0)
-        return min(self.backoff_s * 2**attempt, 8.0)
-
-    def _send(self, method: str, path: str, body: dict[str, Any] | None) -> httpx.Response:
-        for attempt in itertools.count():
-            url = self._next_url()
-            try:
-                response = self._client.request(method, url + path, json=body)
-            except httpx.TransportError as error:
-                if attempt >= self.max_retries:
-                    raise transport_error(error, url, self.timeout) from None
-                time.sleep(self._delay(attempt, None))
-                continue
-            if response.status_code in RETRY_STATUS and attempt < self.max_retries:
-                time.sleep(self._delay(attempt, response))
-                continue
-            check_status(response, url)
-            return response
-        raise AssertionError("unreachable")
-
-    async def _asend(self, method: str, path: str, body: dict[str, Any]) -> httpx.Response:
+    async def _asend(self, method: str, path: str, body: dict[str, Any]) -> Any:
         client = self._async_client()
-        for attempt in itertools.count():
-            url = self._next_url()
-            try:
-                response = await client.request(method, url + path, json=body)
-            except httpx.TransportError as error:
-                if attempt >= self.max_retries:
-                    raise transport_error(error, url, self.timeout) from None
-                await asyncio.sleep(self._delay(attempt, None))
+        for attempt in self._attempts(body):
+            await asyncio.sleep(attempt.delay_s)
+            with attempt:
+                attempt.outcome = await client.request(
+                    method, attempt.url + path, json=attempt.body
+                )
+        return attempt.outcome.json()
+
+    def _attempts(self, body: dict[str, Any] | None) -> Iterator[Attempt]:
+        """The retry loop of every request, sync or async, plain or streamed, without its I/O.
+
+        Each attempt says where to send what after how long; once the driver has recorded its
+        outcome, the loop ends at a good response, tries again, or raises the error that says
+        what to do. A server that refuses ``structured_outputs`` gets the request without it.
+        """
+        retries, delay_s = 0, 0.0
+        while True:
+            attempt = Attempt(self.urls[next(self._turn) % len(self.urls)], body, delay_s)
+            yield attempt
+            if body and "structured_outputs" in body and refuses_structured(attempt.outcome):
+                body, delay_s = self._without_structured_outputs(attempt), 0.0
                 continue
-            if response.status_code in RETRY_STATUS and attempt < self.max_retries:
-                await asyncio.sleep(self._delay(attempt, response))
-                continue
-            check_status(response, url)
-            return response
-        raise AssertionError("unreachable")
+            delay_s = self._retry_delay(retries, attempt)
+            if delay_s is None:
+                raise_for_outcome(attempt, self.timeout)
+                return
+            retries += 1
+
+    def _retry_delay(self, retries: int, attempt: Attempt) -> float | None:
+        """Seconds to wait before trying again, or ``None`` when the outcome is final: a response
+        that is not 408/429/5xx, the last retry spent, or a stream that already sent text."""
+        outcome = attempt.outcome
+        if retries >= self.max_retries or attempt.sent:
+            return None
+        if isinstance(outcome, httpx.Response):
+            if outcome.status_code not in RETRY_STATUS:
+                return None
+            retry_after = outcome.headers.get("retry-after", "")
+            if retry_after.replace(".", "", 1).isdigit():
+                return min(float(retry_after), 30.0)
+        return min(self.backoff_s * 2**retries, 8.0)
+
+    def _without_structured_outputs(self, attempt: Attempt) -> dict[str, Any]:
+        self._structured_outputs = False
+        log.warning(
+            "the model server at %s does not know `structured_outputs`: generating without "
+            "constraints from now on (vLLM reads it from 0.10.2 on)",
+            attempt.url,
+        )
+        return {k: v for k, v in (attempt.body or {}).items() if k != "structured_outputs"}
 
     def _async_client(self) -> httpx.AsyncClient:
         """One pooled AsyncClient per event loop (an httpx client cannot cross loops)."""
@@ -434,6 +448,30 @@ class OpenAIChatModel:
         self.close()
 
 
+def raise_for_outcome(attempt: Attempt, timeout: httpx.Timeout) -> None:
+    """Raise the error for the final outcome of a request; a good response passes."""
+    outcome = attempt.outcome
+    if isinstance(outcome, httpx.Response):
+        check_status(outcome, attempt.url)
+    elif attempt.sent:  # a retry would repeat text the caller already has
+        raise LLMError(f"the stream from {attempt.url} broke off ({outcome}); retry")
+    else:
+        raise transport_error(outcome, attempt.url, timeout)  # type: ignore[arg-type]
+
+
+def refuses_structured(outcome: httpx.Response | httpx.TransportError | None) -> bool:
+    """A 400/422 whose reason names ``structured_outputs`` as a field the server does not know.
+
+    vLLM never answers so (before 0.10.2 it ignores the field); strict OpenAI-compatible servers
+    and proxies do.
+    """
+    if not isinstance(outcome, httpx.Response) or outcome.status_code not in (400, 422):
+        return False
+    reason = outcome.text.lower()
+    unknown = ("unrecognized", "unknown", "extra", "not permitted", "not allowed", "unexpected")
+    return "structured_outputs" in reason and any(word in reason for word in unknown)
+
+
 def transport_error(error: httpx.TransportError, url: str, timeout: httpx.Timeout) -> Exception:
     if isinstance(error, httpx.TimeoutException):
         return ModelServerError(
@@ -443,13 +481,11 @@ def transport_error(error: httpx.TransportError, url: str, timeout: httpx.Timeou
     return ModelServerError(f"no model server at {url} ({type(error).__name__}): {START_HINT}")
 
 
-def check_status(response: httpx.Response, url: str, read: Any = None) -> None:
-    """Raise our error for a failed response; ``read`` loads the body of a streamed one."""
+def check_status(response: httpx.Response, url: str) -> None:
+    """Raise our error for a failed response (a streamed one with its body read)."""
     status = response.status_code
     if status < 400:
         return
-    if read is not None:
-        read()
     try:
         detail = response.json()
         detail = detail.get("error", detail) if isinstance(detail, dict) else detail

@@ -1,21 +1,39 @@
-"""``ScriptedChatModel``: a ``ChatModel`` that answers from a script, for tests (yours too).
+"""Test doubles that are real implementations, for agentkit's tests and yours.
+
+``ScriptedChatModel`` is a ``ChatModel`` that answers from a script:
 
     model = ScriptedChatModel(["first reply", "second reply"])
     model = ScriptedChatModel(lambda messages, **kw: "echo: " + messages[-1]["content"])
 
 Replies are cut at the first ``stop`` string, as a server would; every call is recorded in
-``model.calls`` (messages and keyword arguments) so a test can assert on the prompt.
+``model.calls`` (the messages, and the generation options as keyword arguments) so a test can
+assert on the prompt.
+
+``HashingEmbedder`` embeds by feature hashing (no model, deterministic), for indexes in tests:
+``index_folder(folder, path, embedder=HashingEmbedder())``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from agentkit.errors import LLMError
-from agentkit.llm import Completion, Delta, Message, Structured, ToolCall, Usage
+from agentkit.llm import (
+    Completion,
+    Delta,
+    Message,
+    ModelSettings,
+    Structured,
+    ToolCall,
+    Usage,
+)
 
 Script = Iterable[str] | Callable[..., str]
 
@@ -26,8 +44,53 @@ class Call:
     kwargs: dict[str, Any]
 
 
+TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
 def count_words(text: str) -> int:
-    return len(re.findall(r"\w+|[^\w\s]", text))
+    """Words and punctuation marks: the token count of the test doubles."""
+    return len(TOKEN.findall(text))
+
+
+class WordCounter:
+    """Counts words and punctuation marks as tokens (the ``TokenCounter`` interface)."""
+
+    def count(self, text: str) -> int:
+        return count_words(text)
+
+    def cut(self, text: str, max_tokens: int) -> list[str]:
+        starts = [m.start() for m in TOKEN.finditer(text)]
+        cuts = starts[max_tokens::max_tokens]
+        bounds = [0, *cuts, len(text)]
+        return [text[a:b] for a, b in zip(bounds, bounds[1:]) if text[a:b].strip()]
+
+
+class HashingEmbedder:
+    """Bag-of-words vectors by feature hashing: deterministic, no model, ~microseconds.
+
+    ``embedded`` records every text embedded; ``delay_s`` makes each batch that much slower.
+    """
+
+    backend = "hashing"
+
+    def __init__(
+        self, name: str = "test/hashing", dim: int = 64, max_tokens: int = 64, delay_s: float = 0.0
+    ):
+        self.name, self.dim, self.max_tokens, self.delay_s = name, dim, max_tokens, delay_s
+        self.counter = WordCounter()
+        self.embedded: list[str] = []
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        self.embedded.extend(texts)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in TOKEN.findall(text.lower()):
+                bucket = int.from_bytes(hashlib.md5(word.encode()).digest()[:4], "little")
+                out[row, bucket % self.dim] += 1.0
+        out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
 
 
 class ScriptedChatModel:
@@ -60,75 +123,42 @@ class ScriptedChatModel:
                 raise LLMError(f"scripted reply {text!r} does not match {structured.regex!r}")
         return text
 
-    def _completion(self, messages: Sequence[Message], n: int, **kwargs: Any) -> Completion:
-        texts = [self._reply(messages, n=n, **kwargs) for _ in range(n)]
+    def complete(
+        self, messages: Sequence[Message], settings: ModelSettings | None = None, **options: Any
+    ) -> Completion:
+        chosen = ModelSettings.of(settings, options)
+        texts = [self._reply(messages, **vars(chosen)) for _ in range(chosen.n)]
         usage = Usage(self.count_tokens(messages), sum(count_words(t) for t in texts))
         return Completion(texts=texts, finish_reason="stop", usage=usage, model="scripted")
 
-    def complete(
-        self,
-        messages: Sequence[Message],
-        *,
-        stop: Sequence[str] | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        n: int = 1,
-        structured: Structured | None = None,
-    ) -> Completion:
-        kwargs = {"stop": stop, "max_tokens": max_tokens, "temperature": temperature}
-        return self._completion(messages, n, structured=structured, **kwargs)
-
     async def acomplete(
-        self,
-        messages: Sequence[Message],
-        *,
-        stop: Sequence[str] | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        n: int = 1,
-        structured: Structured | None = None,
+        self, messages: Sequence[Message], settings: ModelSettings | None = None, **options: Any
     ) -> Completion:
-        kwargs = {"stop": stop, "max_tokens": max_tokens, "temperature": temperature}
-        return self._completion(messages, n, structured=structured, **kwargs)
+        return self.complete(messages, settings, **options)
 
     def stream(
-        self,
-        messages: Sequence[Message],
-        *,
-        stop: Sequence[str] | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        structured: Structured | None = None,
+        self, messages: Sequence[Message], settings: ModelSettings | None = None, **options: Any
     ) -> Iterator[Delta]:
-        kwargs = {"stop": stop, "max_tokens": max_tokens, "temperature": temperature}
-        text = self._reply(messages, n=1, structured=structured, **kwargs)
+        text = self._reply(messages, **vars(ModelSettings.of(settings, options, stream=True)))
         for piece in re.findall(r"\s*\S+|\s+$", text):
             yield Delta(piece)
         yield Delta("", "stop", Usage(self.count_tokens(messages), count_words(text)))
 
     async def astream(
-        self,
-        messages: Sequence[Message],
-        *,
-        stop: Sequence[str] | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        structured: Structured | None = None,
+        self, messages: Sequence[Message], settings: ModelSettings | None = None, **options: Any
     ) -> AsyncIterator[Delta]:
-        kwargs = {"stop": stop, "max_tokens": max_tokens, "temperature": temperature}
-        for delta in self.stream(messages, structured=structured, **kwargs):
+        for delta in self.stream(messages, settings, **options):
             yield delta
 
     def complete_tools(
         self,
         messages: Sequence[Any],
         tools: Sequence[Any],
-        *,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
+        settings: ModelSettings | None = None,
+        **options: Any,
     ) -> Completion:
         """A reply ``"name(json arguments)"`` from the script becomes a tool call."""
-        text = self._reply(messages, tools=tools, max_tokens=max_tokens, temperature=temperature)
+        text = self._reply(messages, tools=tools, **vars(ModelSettings.of(settings, options)))
         match = re.fullmatch(r"(\w+)\((.*)\)", text.strip(), re.S)
         if match is None:
             return Completion(texts=[text], finish_reason="stop", model="scripted")

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 
+import httpx
 import pytest
 from fake_server import MODELS, completion_body, fake_server, sse_body
 
 from agentkit.errors import LLMError, ModelServerError
-from agentkit.llm import OpenAIChatModel, Structured
+from agentkit.llm import Attempt, ModelSettings, OpenAIChatModel, Structured
 from agentkit.sse import iter_events
+from agentkit.testing import ScriptedChatModel
 
 JSON = {"Content-Type": "application/json"}
 SSE = {"Content-Type": "text/event-stream"}
@@ -185,3 +188,125 @@ def test_tool_calls_are_sent_and_parsed() -> None:
         ("c1", "search", '{"entity": "Paris"}')
     ]
     assert log[0][1]["tools"] == tools and log[0][1]["tool_choice"] == "auto"
+
+
+def texts(model: OpenAIChatModel, kind: str, calls: int, **options: object) -> list[str]:
+    """The replies of ``calls`` calls of ``model.<kind>`` (the async ones in one event loop)."""
+
+    async def awaited() -> list[str]:
+        done = []
+        for _ in range(calls):
+            if kind == "acomplete":
+                done.append((await model.acomplete(HELLO, **options)).text)
+            else:
+                done.append("".join([d.text async for d in model.astream(HELLO, **options)]))
+        await model.aclose()
+        return done
+
+    if kind == "complete":
+        return [model.complete(HELLO, **options).text for _ in range(calls)]
+    if kind == "stream":
+        return ["".join(d.text for d in model.stream(HELLO, **options)) for _ in range(calls)]
+    return asyncio.run(awaited())
+
+
+def test_one_settings_object_or_keywords_give_the_same_request_and_keywords_win() -> None:
+    constraint = Structured(choice=["a", "b"])
+    settings = ModelSettings(max_tokens=5, temperature=0.0, stop=["\n"], n=2, structured=constraint)
+    with fake_server(lambda p, b, n: (200, JSON, completion_body("a"))) as (url, log):
+        model = client(url)
+        model.complete(HELLO, settings)
+        model.complete(
+            HELLO, max_tokens=5, temperature=0.0, stop=["\n"], n=2, structured=constraint
+        )
+        model.complete(HELLO, settings, max_tokens=9, stop=None)  # None: keep the setting
+    expected = {"model": "fake", "messages": HELLO, "max_tokens": 5, "temperature": 0.0}
+    expected |= {"stop": ["\n"], "n": 2, "structured_outputs": {"choice": ["a", "b"]}}
+    assert log[0][1] == expected and log[1][1] == expected
+    assert log[2][1] == {**log[0][1], "max_tokens": 9}
+    scripted = ScriptedChatModel(["a", "b"])
+    assert scripted.complete(HELLO, settings).texts == ["a", "b"]
+    assert scripted.calls[0].kwargs == vars(settings)
+    with pytest.raises(TypeError, match="max_token"):
+        scripted.complete(HELLO, max_token=5)
+    with pytest.raises(LLMError, match="one choice"):
+        list(scripted.stream(HELLO, settings))
+
+
+def test_one_function_decides_whether_to_retry_and_how_long_to_wait() -> None:
+    model = OpenAIChatModel("http://127.0.0.1:9", model="fake", max_retries=6, backoff_s=0.5)
+    request = httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions")
+
+    def delay(
+        retries: int, outcome: httpx.Response | httpx.TransportError, sent: bool = False
+    ) -> float | None:
+        return model._retry_delay(retries, Attempt("http://x", None, 0.0, outcome, sent))
+
+    def answer(status: int, **headers: str) -> httpx.Response:
+        return httpx.Response(status, headers=headers, request=request)
+
+    refused = httpx.ConnectError("refused")
+    assert [delay(n, answer(503)) for n in range(7)] == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0, None]
+    assert [delay(n, refused) for n in (0, 1, 6)] == [0.5, 1.0, None]
+    assert delay(0, answer(429, **{"retry-after": "2.5"})) == 2.5
+    assert delay(0, answer(429, **{"retry-after": "120"})) == 30.0  # capped
+    assert delay(1, answer(429, **{"retry-after": "Fri, 31 Dec 1999"})) == 1.0  # a date: backoff
+    assert [delay(0, answer(status)) for status in (200, 400, 401, 404)] == [None] * 4
+    assert delay(0, refused, sent=True) is None  # a stream that sent text is not repeated
+
+
+class Truncated(bytes):
+    """A body that announces more bytes than it has: the connection ends in the middle of it."""
+
+    def __len__(self) -> int:
+        return super().__len__() + 1000
+
+
+@pytest.mark.parametrize("kind", ["stream", "astream"])
+def test_a_stream_is_retried_until_its_first_event_and_never_after(kind: str) -> None:
+    def handle(path, body, n):  # the first answer breaks before an event, the second after one
+        return 200, SSE, Truncated(b"" if n == 1 else sse_body(["Hel"], done=False))
+
+    with fake_server(handle) as (url, log):
+        model, pieces = client(url), []
+
+        async def consume() -> None:
+            async for delta in model.astream(HELLO):
+                pieces.append(delta.text)
+
+        with pytest.raises(LLMError, match="broke off"):
+            if kind == "stream":
+                pieces.extend(d.text for d in model.stream(HELLO))
+            else:
+                asyncio.run(consume())
+    assert pieces == ["Hel"] and len(log) == 2
+
+
+@pytest.mark.parametrize("kind", ["complete", "stream", "acomplete", "astream"])
+def test_a_server_that_refuses_structured_outputs_gets_requests_without_it(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    refusal = (
+        b'{"error": {"message": "Unrecognized request argument supplied: structured_outputs"}}'
+    )
+
+    def handle(path, body, n):
+        if "structured_outputs" in body:
+            return 400, JSON, refusal
+        return (
+            (200, SSE, sse_body(["a"])) if body.get("stream") else (200, JSON, completion_body("a"))
+        )
+
+    with fake_server(handle) as (url, log), caplog.at_level(logging.WARNING, "agentkit.llm"):
+        replies = texts(client(url), kind, 2, structured=Structured(choice=["a"]))
+    assert replies == ["a", "a"]
+    assert ["structured_outputs" in body for _, body in log] == [True, False, False]
+    assert len(caplog.records) == 1 and "0.10.2" in caplog.text
+
+
+def test_a_refused_constraint_is_an_error_not_a_silent_fallback() -> None:
+    reason = b'{"error": {"message": "structured_outputs: the regex ( is invalid"}}'
+    with fake_server(lambda p, b, n: (400, JSON, reason)) as (url, log):
+        with pytest.raises(LLMError, match="regex . is invalid"):
+            client(url).complete(HELLO, structured=Structured(regex="("))
+    assert len(log) == 1
