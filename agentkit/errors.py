@@ -23,6 +23,10 @@ class IndexFormatError(AgentkitError):
     """The index on disk was written by another format version or is damaged."""
 
 
+class IndexCorruptError(IndexFormatError):
+    """The index's files are damaged (empty, truncated, not SQLite, tables missing)."""
+
+
 class IndexLockedError(AgentkitError):
     """Another process is writing to the same index."""
 

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
         0, ge=0, description="Chunk size in embedding-model tokens; 0 = the model's maximum."
     )
     chunk_overlap_tokens: int = Field(32, ge=0)
+    max_file_bytes: int = Field(
+        20 << 20, ge=1, description="Larger files are skipped (reported) when indexing a folder."
+    )
     max_query_chars: int = Field(4096, ge=16, description="Longer search queries are refused.")
     llm_url: str | None = Field(
         None,

@@ -17,7 +17,7 @@ from . import indexer
 from .embedding import Embedder
 from .indexer import ChunkingParams, ProgressFn
 from .search import SearchMode, search
-from .store import SQLITE_FILE, IndexStore, writer_lock
+from .store import SQLITE_FILE, IndexStore, damage_reported, writer_lock
 from .types import Hit, LoadedDocument, SyncSummary
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,8 @@ class Index:
 
     Methods that write take the index's single-writer lock; another writer gets
     ``IndexLockedError``. The embedding model and chunking of an index are those recorded in its
-    manifest; asking for another model is an ``EmbeddingModelError``.
+    manifest; asking for another model is an ``EmbeddingModelError``. A damaged index is an
+    ``IndexCorruptError`` (on open, before a write, or when a search meets the damage).
     """
 
     def __init__(
@@ -151,31 +152,43 @@ class Index:
 
     def search(self, query: str, *, k: int = 5, mode: SearchMode = "hybrid") -> list[Hit]:
         """The ``k`` best chunks for ``query`` (hybrid: dense + BM25, fused by reciprocal rank)."""
-        self.follow_disk()
-        return search(
-            self.store,
-            self.embedder,
-            query,
-            k=k,
-            mode=mode,
-            max_query_chars=self.settings.max_query_chars,
-        )
+        with damage_reported(self.path):
+            return search(
+                self.follow_disk(),
+                self.embedder,
+                query,
+                k=k,
+                mode=mode,
+                max_query_chars=self.settings.max_query_chars,
+            )
+
+    def _writable_store(self) -> IndexStore:
+        """The store as others left it, checked before this writer changes it."""
+        store = self.follow_disk()  # start from what others committed before the lock
+        store.check_integrity()
+        return store
 
     def sync_folder(self, folder: str | Path, *, progress: ProgressFn | None = None) -> SyncSummary:
         """Make the index match ``folder``: add new files, replace changed, remove deleted."""
-        with writer_lock(self.path):
-            store = self.follow_disk()  # start from what others committed before the lock
-            return indexer.sync_folder(store, self.embedder, Path(folder), self.chunking, progress)
+        with writer_lock(self.path), damage_reported(self.path):
+            return indexer.sync_folder(
+                self._writable_store(),
+                self.embedder,
+                Path(folder),
+                self.chunking,
+                progress,
+                max_file_bytes=self.settings.max_file_bytes,
+            )
 
     def add_documents(self, docs: Iterable[LoadedDocument]) -> SyncSummary:
         """Add or replace in-memory documents (matched by root and source)."""
-        with writer_lock(self.path):
-            return indexer.add_documents(self.follow_disk(), self.embedder, docs, self.chunking)
+        with writer_lock(self.path), damage_reported(self.path):
+            return indexer.add_documents(self._writable_store(), self.embedder, docs, self.chunking)
 
     def remove_source(self, source: str) -> int:
         """Remove every document with this source path; returns how many were removed."""
-        with writer_lock(self.path):
-            self.follow_disk()
+        with writer_lock(self.path), damage_reported(self.path):
+            self._writable_store()
             ids = [
                 r[0]
                 for r in self.store.db.execute(
@@ -188,8 +201,8 @@ class Index:
             return len(ids)
 
     def stats(self) -> dict[str, Any]:
-        self.follow_disk()
-        documents, chunks = self.store.counts()
+        with damage_reported(self.path):
+            documents, chunks = self.follow_disk().counts()
         return {
             "path": str(self.path),
             "documents": documents,
@@ -235,7 +248,8 @@ def index_folder(
     """Create or update the index at ``index_path`` from ``folder``.
 
     ``full`` rebuilds from scratch in a folder beside the index and swaps it in atomically at the
-    end, so the previous index serves until the new one is complete.
+    end, so the previous index serves until the new one is complete; it also replaces a damaged
+    index, which an incremental run refuses (``IndexCorruptError``).
     """
     settings = settings or get_settings()
     index_path = Path(index_path or settings.index).expanduser()
@@ -247,7 +261,12 @@ def index_folder(
             try:
                 with Index.create(build, settings=settings, embedder=embedder) as index:
                     summary = indexer.sync_folder(
-                        index.store, index.embedder, Path(folder), index.chunking, progress
+                        index.store,
+                        index.embedder,
+                        Path(folder),
+                        index.chunking,
+                        progress,
+                        max_file_bytes=settings.max_file_bytes,
                     )
                 indexer.replace_directory(index_path, build)
             finally:
@@ -255,6 +274,13 @@ def index_folder(
             summary.index = str(index_path)
             return summary
         with Index.open(index_path, settings=settings, embedder=embedder) as index:
-            return indexer.sync_folder(
-                index.store, index.embedder, Path(folder), index.chunking, progress
-            )
+            with damage_reported(index_path):
+                index.store.check_integrity()
+                return indexer.sync_folder(
+                    index.store,
+                    index.embedder,
+                    Path(folder),
+                    index.chunking,
+                    progress,
+                    max_file_bytes=settings.max_file_bytes,
+                )

@@ -21,15 +21,17 @@ from pathlib import Path
 import numpy as np
 
 from agentkit.errors import AgentkitError, InvalidPathError
+from agentkit.settings import Settings
 
-from .chunking import TokenCounter, chunk_document, line_number, line_starts_of
+from .chunking import TokenCounter, iter_chunks, line_number, line_starts_of
 from .embedding import Embedder
-from .loaders import load_file, supported_extensions, walk_files
+from .loaders import NotIndexable, load_file, read_regular_file, supported_extensions, walk_files
 from .store import IndexStore, chunk_id_for
 from .types import ChunkSpan, LoadedDocument, SyncSummary
 
 ProgressFn = Callable[[int, int, int], None]  # files done, files total, chunks embedded
 EMBED_BATCH_CHUNKS = 256
+DEFAULT_MAX_FILE_BYTES: int = Settings.model_fields["max_file_bytes"].default
 
 
 @dataclass
@@ -38,41 +40,69 @@ class ChunkingParams:
     overlap_tokens: int
 
 
+class _DocumentWrite:
+    """One document on its way into the index, possibly over several batches."""
+
+    def __init__(self, doc: LoadedDocument, replaces: int | None) -> None:
+        self.doc, self.replaces = doc, replaces
+        self.document_id: int | None = None  # once its row is written
+        self.line_starts = line_starts_of(doc.text) if doc.has_lines else None
+        self.page_starts = line_starts_of(doc.text, "\f") if doc.format == "pdf" else None
+
+
+@dataclass
+class _Part:
+    """The chunks of one document that one batch holds."""
+
+    document: _DocumentWrite
+    spans: list[ChunkSpan]
+    first_ordinal: int
+    last: bool  # the document's final part
+
+
 class _Ingest:
-    """Queues chunked documents and writes them, embedded, in batches.
+    """Queues chunks of documents and writes them, embedded, in batches of
+    ``EMBED_BATCH_CHUNKS``: a batch may hold many small documents or a piece of a large one.
 
     A batch is embedded in the background while the next one is read and chunked; the
-    SQLite writes stay on the calling thread. At most two batches are held at once.
+    SQLite writes stay on the calling thread. At most two batches are held at once, whatever
+    the size of a document.
     """
 
     def __init__(
         self, store: IndexStore, embedder: Embedder, params: ChunkingParams, summary: SyncSummary
     ) -> None:
         self.store, self.embedder, self.params, self.summary = store, embedder, params, summary
-        self.pending: list[tuple[LoadedDocument, int | None, list[ChunkSpan]]] = []
+        self.pending: list[_Part] = []
         self.pending_chunks = 0
-        self.in_flight: tuple[list, Future[np.ndarray]] | None = None
+        self.in_flight: tuple[list[_Part], Future[np.ndarray]] | None = None
         self.background = ThreadPoolExecutor(1, thread_name_prefix="agentkit-ingest")
         self._counter: TokenCounter | None = None
 
     def add(self, doc: LoadedDocument, replaces: int | None) -> None:
         if self._counter is None:
             self._counter = self.embedder.counter
-        spans = chunk_document(
+        document = _DocumentWrite(doc, replaces)
+        spans: list[ChunkSpan] = []
+        first = 0
+        for span in iter_chunks(
             doc,
             self._counter,
             max_tokens=self.params.max_tokens,
             overlap_tokens=self.params.overlap_tokens,
-        )
-        self.pending.append((doc, replaces, spans))
-        self.pending_chunks += len(spans)
-        if self.pending_chunks >= EMBED_BATCH_CHUNKS:
-            self._submit()
+        ):
+            spans.append(span)
+            self.pending_chunks += 1
+            if self.pending_chunks >= EMBED_BATCH_CHUNKS:
+                self.pending.append(_Part(document, spans, first, last=False))
+                first, spans = first + len(spans), []
+                self._submit()
+        self.pending.append(_Part(document, spans, first, last=True))
 
     def _submit(self) -> None:
-        """Start embedding the pending documents, after writing the batch before them."""
+        """Start embedding the pending chunks, after writing the batch before them."""
         self._write_in_flight()
-        texts = [span.embedding_text for _, _, spans in self.pending for span in spans]
+        texts = [span.embedding_text for part in self.pending for span in part.spans]
         self.in_flight = (self.pending, self.background.submit(self.embedder.embed, texts))
         self.pending, self.pending_chunks = [], 0
 
@@ -83,15 +113,24 @@ class _Ingest:
         self.in_flight = None
         vectors = future.result()
         offset = 0
-        for doc, replaces, spans in batch:
-            if replaces is not None:
-                self.store.remove_documents([replaces])
-            self.store.add_document(
-                document_row(doc), chunk_rows(doc, spans), vectors[offset : offset + len(spans)]
+        for part in batch:
+            document = part.document
+            if document.document_id is None:
+                if document.replaces is not None:
+                    self.store.remove_documents([document.replaces])
+                document.document_id = self.store.insert_document(document_row(document.doc))
+            self.store.add_chunks(
+                document.document_id,
+                document.doc.title,
+                chunk_rows(document, part.spans, part.first_ordinal),
+                vectors[offset : offset + len(part.spans)],
             )
-            offset += len(spans)
-            self.summary.updated += replaces is not None
-            self.summary.added += replaces is None
+            offset += len(part.spans)
+            if part.last:
+                total = part.first_ordinal + len(part.spans)
+                self.store.set_chunk_count(document.document_id, total)
+                self.summary.updated += document.replaces is not None
+                self.summary.added += document.replaces is None
         self.summary.chunks_embedded += len(vectors)
 
     def flush(self) -> None:
@@ -119,10 +158,13 @@ def document_row(doc: LoadedDocument) -> dict[str, object]:
     }
 
 
-def chunk_rows(doc: LoadedDocument, spans: list[ChunkSpan]) -> list[dict[str, object]]:
-    starts = line_starts_of(doc.text) if doc.has_lines else None
+def chunk_rows(
+    document: _DocumentWrite, spans: list[ChunkSpan], first_ordinal: int = 0
+) -> list[dict[str, object]]:
+    doc, lines, pages = document.doc, document.line_starts, document.page_starts
     rows = []
-    for ordinal, span in enumerate(spans):
+    for ordinal, span in enumerate(spans, first_ordinal):
+        last_char = max(span.char_end - 1, span.char_start)
         rows.append(
             {
                 "id": chunk_id_for(doc.root, doc.source, doc.content_hash, ordinal),
@@ -131,13 +173,9 @@ def chunk_rows(doc: LoadedDocument, spans: list[ChunkSpan]) -> list[dict[str, ob
                 "text": span.text,
                 "char_start": span.char_start,
                 "char_end": span.char_end,
-                "line_start": line_number(starts, span.char_start) if starts else None,
-                "line_end": line_number(starts, max(span.char_end - 1, span.char_start))
-                if starts
-                else None,
-                "page": doc.text.count("\f", 0, span.char_start) + 1
-                if doc.format == "pdf"
-                else None,
+                "line_start": line_number(lines, span.char_start) if lines else None,
+                "line_end": line_number(lines, last_char) if lines else None,
+                "page": line_number(pages, span.char_start) if pages else None,
                 "n_tokens": span.n_tokens,
             }
         )
@@ -162,15 +200,25 @@ def sync_folder(
     folder: Path,
     params: ChunkingParams,
     progress: ProgressFn | None = None,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> SyncSummary:
-    """Make the documents of ``folder`` in the index match the folder, in one transaction."""
+    """Make the documents of ``folder`` in the index match the folder, in one transaction.
+
+    Files are only read inside ``folder``: a symlink out of it, a named pipe or device, a
+    file over ``max_file_bytes`` is skipped and reported, and leaves the index.
+    """
     root = check_folder(folder)
     started = time.perf_counter()
     summary = SyncSummary(index=str(store.path))
     extensions = set(supported_extensions())
-    files = list(walk_files(root, summary.warnings))
+
+    def skip(path: Path, reason: str) -> None:
+        summary.warnings.append(f"skipped {path.relative_to(root).as_posix()}: {reason}")
+        summary.skipped += 1
+
+    files = list(walk_files(root, summary.warnings, on_skip=skip))
     candidates = [f for f in files if f.suffix.lower() in extensions]
-    summary.skipped = len(files) - len(candidates)
+    summary.skipped += len(files) - len(candidates)
     known = store.document_hashes(str(root))
     if not candidates and not known:
         raise InvalidPathError(
@@ -182,13 +230,15 @@ def sync_folder(
             source = path.relative_to(root).as_posix()
             seen.add(source)  # a file we fail to read keeps its previous version in the index
             try:
-                raw = path.read_bytes()
+                raw = read_regular_file(path, root, max_file_bytes)
                 content_hash = hashlib.sha256(raw).hexdigest()
                 if known.get(source, (None, None))[1] == content_hash:
                     summary.unchanged += 1
                     continue
                 doc = load_file(path, root, raw, content_hash)
             except (OSError, ValueError) as error:
+                if isinstance(error, NotIndexable):
+                    seen.discard(source)  # not a transient failure: its old version goes too
                 summary.warnings.append(f"skipped {source}: {error}")
                 summary.skipped += 1
                 continue

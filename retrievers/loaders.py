@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .chunking import heading_title
+from .chunking import heading_of, heading_title
 from .types import LoadedDocument
 
 LoaderFn = Callable[[Path, bytes], tuple[str, str, bool]]
@@ -42,16 +43,43 @@ def looks_binary(raw: bytes) -> bool:
     return b"\x00" in raw[:8192]
 
 
-_MD_TITLE = re.compile(r"^#\s+(.+?)\s*#*\s*$", re.MULTILINE)
-_FRONT_MATTER_TITLE = re.compile(
-    r"\A---\s*\n(?:.*\n)*?title:\s*[\"']?(.+?)[\"']?\s*\n(?:.*\n)*?---", re.MULTILINE
-)
+_MD_TITLE = re.compile(r"^#[ \t]+\S", re.MULTILINE)
+FRONT_MATTER_CHARS = 1 << 16
+
+
+def front_matter_title(text: str) -> str | None:
+    """The ``title:`` of a YAML front matter block (``---`` lines around it), if any."""
+    if not text.startswith("---"):
+        return None
+    lines = text[:FRONT_MATTER_CHARS].split("\n")
+    if lines[0].strip() != "---":
+        return None
+    for number, line in enumerate(lines[1:], 1):
+        if line.startswith("---"):
+            return None
+        if line.startswith("title:"):
+            value = line[len("title:") :].strip()
+            value = value[1:] if value.startswith(("'", '"')) else value
+            value = value[:-1] if value.endswith(("'", '"')) else value
+            closed = any(rest.startswith("---") for rest in lines[number + 1 :])
+            return heading_title(value) if value.strip() and closed else None
+    return None
+
+
+def markdown_title(text: str) -> str | None:
+    """The front matter title, else the first level-1 heading."""
+    title = front_matter_title(text)
+    match = None if title else _MD_TITLE.search(text)
+    if match:
+        end = text.find("\n", match.start())
+        heading = heading_of(text[match.start() : end if end >= 0 else len(text)])
+        title = heading[1] if heading else None
+    return title
 
 
 def load_markdown(path: Path, raw: bytes) -> tuple[str, str, bool]:
     text, _ = decode_text(raw)
-    match = _FRONT_MATTER_TITLE.match(text) or _MD_TITLE.search(text)
-    return text, heading_title(match.group(1)) if match else path.stem, True
+    return text, markdown_title(text) or path.stem, True
 
 
 def load_plain_text(path: Path, raw: bytes) -> tuple[str, str, bool]:
@@ -99,26 +127,98 @@ for _ext in (".html", ".htm"):
 register_loader(".pdf", load_pdf)
 
 
-def walk_files(root: Path, warnings: list[str]) -> Iterator[Path]:
-    """Every regular file under ``root`` in a stable order; follows symlinks but never loops."""
+class NotIndexable(ValueError):
+    """A path that must not be read: a link out of the folder, not a regular file, too big."""
+
+
+def outside_reason(real: str | Path, root: Path) -> str | None:
+    """Why the resolved path ``real`` may not be read for ``root`` (resolved), else None."""
+    if Path(real).is_relative_to(root):
+        return None
+    return f"a symlink to {real}, outside the folder being indexed"
+
+
+def special_file_kind(mode: int) -> str | None:
+    """What a file of this ``st_mode`` is when it is not a regular file ("a named pipe"...)."""
+    if stat.S_ISREG(mode):
+        return None
+    kinds = {
+        stat.S_ISFIFO: "a named pipe",
+        stat.S_ISSOCK: "a socket",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+        stat.S_ISDIR: "a folder",
+    }
+    return next((kind for test, kind in kinds.items() if test(mode)), "a special file")
+
+
+def read_regular_file(path: Path, root: Path | None = None, max_bytes: int | None = None) -> bytes:
+    """The bytes of ``path``; NotIndexable when it resolves outside ``root``, is not a regular
+    file (a named pipe would block the read forever), or holds more than ``max_bytes``.
+
+    The checks run before the file is opened; it is then opened without blocking and checked
+    again, so a path swapped in between cannot hang or escape either. Raises OSError too.
+    """
+    real = os.path.realpath(path)
+    reason = outside_reason(real, root) if root is not None else None
+    if reason is None:
+        reason = special_file_kind(os.stat(real).st_mode)
+    if reason is None:
+        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+        with open(os.open(real, flags | getattr(os, "O_CLOEXEC", 0)), "rb") as handle:
+            info = os.fstat(handle.fileno())
+            reason = special_file_kind(info.st_mode)
+            if reason is None and (max_bytes is None or info.st_size <= max_bytes):
+                data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
+                if max_bytes is None or len(data) <= max_bytes:
+                    return data
+    if reason is None:
+        raise NotIndexable(
+            f"over AGENTKIT_MAX_FILE_BYTES ({max_bytes:,} bytes); raise that setting to index it"
+        )
+    if reason.startswith("a symlink"):
+        raise NotIndexable(reason)
+    raise NotIndexable(f"{reason}, not a regular file")
+
+
+def walk_files(
+    root: Path, warnings: list[str], on_skip: Callable[[Path, str], None] | None = None
+) -> Iterator[Path]:
+    """Every file under ``root`` (resolved) in a stable order; follows symlinks, but never
+    loops and never enters a folder outside ``root``: that is ``on_skip(path, reason)``
+    (default: a warning). Files themselves are checked when read (``read_regular_file``)."""
     seen_dirs: set[tuple[int, int]] = set()
 
     def on_error(error: OSError) -> None:
         warnings.append(f"cannot read {error.filename}: {error.strerror}")
 
+    def skip(path: Path, reason: str) -> None:
+        if on_skip is None:
+            warnings.append(f"skipped {path}: {reason}")
+        else:
+            on_skip(path, reason)
+
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=on_error):
         try:
-            stat = os.stat(dirpath)
+            info = os.stat(dirpath)
         except OSError as error:
             on_error(error)
             dirnames[:] = []
             continue
-        if (stat.st_dev, stat.st_ino) in seen_dirs:
+        if (info.st_dev, info.st_ino) in seen_dirs:
             warnings.append(f"symlink loop skipped: {dirpath}")
             dirnames[:] = []
             continue
-        seen_dirs.add((stat.st_dev, stat.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        seen_dirs.add((info.st_dev, info.st_ino))
+        inside = []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            path = Path(dirpath) / name
+            reason = outside_reason(os.path.realpath(path), root) if path.is_symlink() else None
+            if reason is None:
+                inside.append(name)
+            else:
+                skip(path, reason)
+        dirnames[:] = inside
         for name in sorted(filenames):
             if not name.startswith("."):
                 yield Path(dirpath) / name
@@ -133,12 +233,13 @@ def load_file(
 ) -> LoadedDocument | None:
     """The document in ``path``, or None when no loader handles it or it is binary.
 
-    Raises OSError when the file cannot be read; loader failures become a ValueError.
+    Raises OSError when the file cannot be read, NotIndexable (a ValueError) when it must not be
+    (see ``read_regular_file``); loader failures become a ValueError.
     """
     loader = _LOADERS.get(path.suffix.lower())
     if loader is None:
         return None
-    raw = path.read_bytes() if raw is None else raw
+    raw = read_regular_file(path, Path(root).resolve()) if raw is None else raw
     if path.suffix.lower() != ".pdf" and looks_binary(raw):
         return None
     source = path.relative_to(root).as_posix()

@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -24,10 +25,18 @@ from typing import Any
 import faiss
 import numpy as np
 
-from agentkit.errors import IndexFormatError, IndexLockedError, IndexNotFoundError
+from agentkit.errors import (
+    IndexCorruptError,
+    IndexFormatError,
+    IndexLockedError,
+    IndexNotFoundError,
+)
 
 FORMAT_VERSION = 1
 SQLITE_FILE, FAISS_FILE, MANIFEST_FILE = "index.sqlite", "vectors.faiss", "manifest.json"
+TABLES = ("meta", "documents", "chunks", "vectors", "chunks_fts")
+SQLITE_MAGIC = b"SQLite format 3\x00"
+SQLITE_CORRUPT, SQLITE_NOTADB = 11, 26
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -72,9 +81,86 @@ def new_vector_index(dim: int) -> faiss.Index:
     return faiss.IndexIDMap2(quantizer)
 
 
+def damaged(path: Path, detail: str) -> IndexCorruptError:
+    return IndexCorruptError(
+        f"the index at {path} is damaged ({detail}); rebuild it with "
+        f"`agentkit index DIR --index {path} --full`"
+    )
+
+
+def is_corruption(error: sqlite3.DatabaseError) -> bool:
+    """Whether SQLite says the file is damaged (not busy, locked, or a bad statement)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB)
+    return any(text in str(error) for text in ("malformed", "not a database", "corrupt"))
+
+
+@contextmanager
+def damage_reported(path: Path) -> Iterator[None]:
+    """SQLite errors that mean a damaged index become an IndexCorruptError naming the repair."""
+    try:
+        yield
+    except sqlite3.DatabaseError as error:
+        if not is_corruption(error):
+            raise
+        raise damaged(path, f"{SQLITE_FILE}: {error}") from error
+
+
+def check_sqlite_file(path: Path) -> None:
+    """IndexCorruptError when ``index.sqlite`` is empty, not SQLite, or shorter than its header
+    says (truncated). Reads 100 bytes: cheap enough for every open."""
+    wal = path / f"{SQLITE_FILE}-wal"
+    wal_pending = wal.exists() and wal.stat().st_size > 0  # then SQLite has the last word
+    with open(path / SQLITE_FILE, "rb") as handle:
+        header = handle.read(100)
+        size = os.fstat(handle.fileno()).st_size
+    if size == 0 and not wal_pending:
+        raise damaged(path, f"{SQLITE_FILE} is empty")
+    if size and (len(header) < 100 or not header.startswith(SQLITE_MAGIC)):
+        raise damaged(path, f"{SQLITE_FILE} is not an SQLite database")
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    expected = int.from_bytes(header[28:32], "big") * page_size
+    header_size_valid = header[24:28] == header[92:96]  # SQLite's own rule for that field
+    if header_size_valid and not wal_pending and size < expected:
+        raise damaged(path, f"{SQLITE_FILE} is truncated: {size:,} of {expected:,} bytes")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_files(index_path: Path) -> None:
+    """Delete what killed writers left: ``.<index>.build-<pid>`` folders beside the index (made
+    only under the writer lock, so with the lock held their writers are gone) and temporary files
+    of dead processes inside it."""
+    prefix = f".{index_path.name}.build-"
+    try:
+        beside = list(index_path.parent.iterdir())
+    except OSError:
+        return
+    for path in beside:
+        if path.name.startswith(prefix) and path.name[len(prefix) :].isdigit():
+            shutil.rmtree(path, ignore_errors=True)
+    for tmp in index_path.glob(".*.tmp-*") if index_path.is_dir() else []:
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
 @contextmanager
 def writer_lock(index_path: Path) -> Iterator[None]:
-    """Hold the single-writer lock of ``index_path`` (a file beside it, so it survives swaps)."""
+    """Hold the single-writer lock of ``index_path`` (a file beside it, so it survives swaps).
+
+    Taking it removes what killed writers left behind (``remove_stale_files``).
+    """
     lock_path = index_path.parent / f".{index_path.name}.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a+") as handle:
@@ -92,6 +178,7 @@ def writer_lock(index_path: Path) -> Iterator[None]:
         handle.write(str(os.getpid()))
         handle.flush()
         try:
+            remove_stale_files(index_path)
             yield
         finally:
             handle.seek(0)
@@ -133,17 +220,57 @@ def write_atomically(path: Path, data: bytes) -> None:
 class IndexStore:
     """SQLite connection and in-memory FAISS index of one index folder."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, path: Path, manifest: dict[str, Any], *, new: bool = False) -> None:
+        """Open the SQLite file of ``path`` (``new``: create its tables). An existing one is
+        checked first: IndexCorruptError when it is damaged."""
         self.path = path
         self.manifest = manifest
-        self.db = sqlite3.connect(path / SQLITE_FILE, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
         self._vocab_ready, self._vocab_lock = False, threading.Lock()
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
-        self.inode = os.stat(path / SQLITE_FILE).st_ino
-        self.loaded_generation = -1  # the committed generation self.vectors holds
-        self.vectors = self._load_vectors()
+        if not new:
+            check_sqlite_file(path)
+        self.db = sqlite3.connect(path / SQLITE_FILE, isolation_level=None, check_same_thread=False)
+        try:
+            with damage_reported(path):
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                if new:
+                    self.db.executescript(SCHEMA)
+                    self.db.execute("INSERT OR REPLACE INTO meta VALUES ('generation', '0')")
+                else:
+                    self._check_tables()
+                self.inode = os.stat(path / SQLITE_FILE).st_ino
+                self.loaded_generation = -1  # the committed generation self.vectors holds
+                self.vectors = self._load_vectors()
+        except BaseException:
+            self.db.close()
+            raise
+
+    def _check_tables(self) -> None:
+        """IndexCorruptError when tables or the generation are missing, or the manifest is ahead
+        of the database (it is written after each commit, so the database was replaced)."""
+        rows = self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        missing = set(TABLES) - {name for (name,) in rows}
+        if missing:
+            raise damaged(self.path, f"{SQLITE_FILE} has no table {', '.join(sorted(missing))}")
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        if row is None:
+            raise damaged(self.path, f"{SQLITE_FILE} records no generation")
+        if int(self.manifest.get("generation", 0)) > int(row[0]):
+            self.manifest = read_manifest(self.path)  # read before a --full swap, maybe
+        if int(self.manifest.get("generation", 0)) > int(row[0]):
+            raise damaged(
+                self.path,
+                f"{MANIFEST_FILE} is at generation {self.manifest['generation']} but "
+                f"{SQLITE_FILE} at {row[0]}: the database was replaced or rolled back",
+            )
+
+    def check_integrity(self) -> None:
+        """``PRAGMA quick_check`` (reads the whole file: done before writing, not on every
+        open); IndexCorruptError when it finds damage."""
+        with damage_reported(self.path):
+            problems = [row[0] for row in self.db.execute("PRAGMA quick_check(3)")]
+        if problems != ["ok"]:
+            raise damaged(self.path, f"{SQLITE_FILE} fails quick_check: {'; '.join(problems)}")
 
     @classmethod
     def create(cls, path: Path, manifest: dict[str, Any]) -> IndexStore:
@@ -151,9 +278,7 @@ class IndexStore:
         manifest = {**manifest, "format_version": FORMAT_VERSION, "generation": 0}
         manifest.setdefault("created_at", time.time())
         write_atomically(path / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
-        store = cls(path, manifest)
-        store.db.execute("INSERT OR REPLACE INTO meta VALUES ('generation', '0')")
-        return store
+        return cls(path, manifest, new=True)
 
     @classmethod
     def open(cls, path: Path) -> IndexStore:
@@ -184,14 +309,19 @@ class IndexStore:
         count = self.db.execute("SELECT count(*) FROM vectors").fetchone()[0]
         faiss_path = self.path / FAISS_FILE
         if self.manifest.get("generation") == self.generation and faiss_path.exists():
-            index = faiss.read_index(str(faiss_path))
-            if index.ntotal == count and index.d == self.dim:
+            try:
+                index = faiss.read_index(str(faiss_path))
+            except RuntimeError:  # a damaged FAISS file: SQLite holds every vector
+                index = None
+            if index is not None and index.ntotal == count and index.d == self.dim:
                 return index
         index = new_vector_index(self.dim)
         rows = self.db.execute("SELECT chunk_id, embedding FROM vectors")
         while batch := rows.fetchmany(4096):
             ids = np.fromiter((r[0] for r in batch), dtype=np.int64, count=len(batch))
             matrix = np.frombuffer(b"".join(r[1] for r in batch), dtype=np.float32)
+            if matrix.size != len(batch) * self.dim:
+                raise damaged(self.path, f"stored vectors are not of dimension {self.dim}")
             index.add_with_ids(matrix.reshape(len(batch), self.dim), ids)
         return index
 
@@ -247,23 +377,37 @@ class IndexStore:
 
     def add_document(
         self, document: dict[str, Any], chunks: list[dict[str, Any]], vectors: np.ndarray
-    ) -> None:
+    ) -> int:
         """Insert one document, its chunks (with ``id``) and their vectors (same order)."""
+        document_id = self.insert_document(document, n_chunks=len(chunks))
+        self.add_chunks(document_id, document["title"], chunks, vectors)
+        return document_id
+
+    def insert_document(self, document: dict[str, Any], n_chunks: int = 0) -> int:
+        """Insert a document's row; its chunks follow with ``add_chunks``."""
         cursor = self.db.execute(
             "INSERT INTO documents (root, source, title, format, content_hash, has_lines, n_chunks,"
             " indexed_at) VALUES (:root, :source, :title, :format, :content_hash, :has_lines,"
             " :n_chunks, :indexed_at)",
-            {**document, "n_chunks": len(chunks), "indexed_at": time.time()},
+            {**document, "n_chunks": n_chunks, "indexed_at": time.time()},
         )
-        doc_id = cursor.lastrowid
+        return int(cursor.lastrowid)
+
+    def set_chunk_count(self, document_id: int, n_chunks: int) -> None:
+        self.db.execute("UPDATE documents SET n_chunks = ? WHERE id = ?", (n_chunks, document_id))
+
+    def add_chunks(
+        self, document_id: int, title: str, chunks: list[dict[str, Any]], vectors: np.ndarray
+    ) -> None:
+        """Insert chunks (with ``id``) of a document and their vectors (same order)."""
         self.db.executemany(
             "INSERT INTO chunks VALUES (:id, :document_id, :ordinal, :heading, :text, :char_start,"
             " :char_end, :line_start, :line_end, :page, :n_tokens)",
-            [{**c, "document_id": doc_id} for c in chunks],
+            [{**c, "document_id": document_id} for c in chunks],
         )
         self.db.executemany(
             "INSERT INTO chunks_fts (rowid, title, heading, body) VALUES (?, ?, ?, ?)",
-            [(c["id"], document["title"], c["heading"], c["text"]) for c in chunks],
+            [(c["id"], title, c["heading"], c["text"]) for c in chunks],
         )
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         self.db.executemany(

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import random
+import time
+
 import pytest
 from tokenizers import Tokenizer
 
 from agentkit.retrievers.chunking import (
+    MAX_TITLE_CHARS,
     TokenCounter,
     chunk_document,
     chunk_prefix,
@@ -107,3 +111,64 @@ def test_text_before_the_first_heading_is_kept() -> None:
         ("", "Preamble line."),
         ("First", "# First\n\nBody."),
     ]
+
+
+def prose(chars: int, seed: int = 0) -> str:
+    """Sentences of common words on one line, about ``chars`` long."""
+    rng = random.Random(seed)
+    vocabulary = ["retrieval", "joins", "a", "search", "index", "to", "the", "model", "of", "docs"]
+    words, size = [], 0
+    while size < chars:
+        words.append(rng.choice(vocabulary) + ("." if rng.random() < 0.08 else ""))
+        size += len(words[-1]) + 1
+    return " ".join(words)
+
+
+SHAPES = {
+    "single-line": lambda n: (prose(n), "md"),
+    "heading-with-spaces": lambda n: ("# Title" + " " * (n // 100) + "x\n\n" + prose(n), "md"),
+    "no-spaces": lambda n: ("".join(random.Random(1).choices("abcdefghij", k=n)), "txt"),
+    "paragraphs": lambda n: ("\n\n".join(prose(300, i) for i in range(n // 300)), "md"),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_chunking_time_grows_linearly_with_the_document(tokenizer: Tokenizer, shape) -> None:
+    def seconds(chars: int, runs: int) -> float:
+        text, fmt = shape(chars)
+        best = float("inf")
+        for _ in range(runs):
+            started = time.process_time()
+            chunks = chunk_document(
+                document(text, fmt), TokenCounter(tokenizer), max_tokens=256, overlap_tokens=32
+            )
+            best = min(best, time.process_time() - started)
+        assert chunks
+        return best
+
+    small, large = seconds(30_000, 3), seconds(240_000, 2)
+    assert large < 20 * small, f"8x the text took {large / small:.0f}x the time"
+
+
+def test_a_long_line_is_cut_between_sentences_or_words(tokenizer: Tokenizer) -> None:
+    text = prose(60_000)
+    chunks = chunk_document(
+        document(text, "md"), TokenCounter(tokenizer), max_tokens=MAX_TOKENS, overlap_tokens=32
+    )
+    assert len(chunks) > 50
+    for before, after in zip(chunks, chunks[1:]):
+        assert before.char_start < after.char_start < before.char_end  # overlapping, in order
+        assert text[before.char_end : before.char_end + 1] in (" ", "")  # ends at a word
+        assert after.char_start == 0 or text[after.char_start - 1] == " "  # starts at a word
+    ends_of_sentences = sum(c.text.endswith(".") for c in chunks[:-1])
+    assert ends_of_sentences > 0.8 * (len(chunks) - 1)
+
+
+def test_a_huge_heading_line_is_a_short_heading(tokenizer: Tokenizer) -> None:
+    text = "# " + "word " * 20_000 + "\n\nBody.\n"
+    chunks = chunk_document(
+        document(text), TokenCounter(tokenizer), max_tokens=MAX_TOKENS, overlap_tokens=32
+    )
+    assert all(len(c.heading) <= MAX_TITLE_CHARS + 1 for c in chunks)  # cut, with an ellipsis
+    assert chunks[0].heading.startswith("word word") and chunks[0].heading.endswith("word…")
+    assert "Body." in chunks[-1].text

@@ -5,7 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from agentkit.retrievers.loaders import load_file, register_loader, walk_files
+import pytest
+
+from agentkit.retrievers.chunking import MAX_TITLE_CHARS
+from agentkit.retrievers.loaders import (
+    NotIndexable,
+    load_file,
+    read_regular_file,
+    register_loader,
+    walk_files,
+)
 
 
 def minimal_pdf(text: str) -> bytes:
@@ -47,6 +56,26 @@ def test_titles_come_from_the_document(tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.parametrize(
+    "text, title",
+    [
+        ("---\ntitle: 'Front Title'\nauthor: me\n---\n# Heading\n", "Front Title"),
+        ("---\n\ntitle: Plain\n---\n", "Plain"),
+        ("---\ntitle: Unclosed\n# Heading ##\n", "Heading"),  # no closing ---: not front matter
+        ("## Second\n#\tTabbed #\n", "Tabbed"),
+        ("#  \n# Real\n", "Real"),  # an empty heading is no title
+        ("# Title" + " " * 50_000 + "x\n", "Title…"),  # cut at MAX_TITLE_CHARS
+        ("# " + "word " * 20_000, ("word " * (MAX_TITLE_CHARS // 5)).rstrip() + "…"),
+    ],
+    ids=["front-matter", "blank-line", "unclosed", "tab", "empty", "spaces", "huge"],
+)
+def test_markdown_titles_take_linear_time_and_stay_short(
+    tmp_path: Path, text: str, title: str
+) -> None:
+    (tmp_path / "doc.md").write_text(text)
+    assert load_file(tmp_path / "doc.md", tmp_path).title == title
+
+
 def test_html_drops_scripts_and_keeps_text(docs: Path) -> None:
     doc = load_file(docs / "page.html", docs)
     assert doc.title == "Web page"
@@ -82,6 +111,41 @@ def test_walk_survives_symlink_loops_and_dangling_links(tmp_path: Path) -> None:
     files = [p.relative_to(tmp_path).as_posix() for p in walk_files(tmp_path, warnings)]
     assert files == ["dangling.md", "sub/a.md"]
     assert any("symlink loop" in w for w in warnings)
+
+
+def test_walk_never_enters_a_folder_outside_the_root(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "inside").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.md").write_text("# Secret")
+    (root / "inside" / "a.md").write_text("# A")
+    os.symlink(outside, root / "out")
+    os.symlink(root / "inside", root / "also")
+    warnings: list[str] = []
+    files = [p.relative_to(root).as_posix() for p in walk_files(root.resolve(), warnings)]
+    assert files == ["also/a.md"]  # "inside" is the same folder: walked once
+    real = os.path.realpath(outside)
+    assert (
+        f"skipped {root.resolve()}/out: a symlink to {real}, outside the folder being indexed"
+        in (warnings)
+    )
+
+
+def test_only_regular_files_inside_the_root_are_read(tmp_path: Path) -> None:
+    (tmp_path / "root").mkdir()
+    root = (tmp_path / "root").resolve()
+    os.mkfifo(root / "pipe.md")
+    (tmp_path / "secret.md").write_text("secret")
+    os.symlink(tmp_path / "secret.md", root / "link.md")
+    (root / "big.md").write_text("x" * 101)
+    with pytest.raises(NotIndexable, match="a named pipe, not a regular file"):
+        read_regular_file(root / "pipe.md", root)  # returns at once: never opened
+    with pytest.raises(NotIndexable, match="outside the folder being indexed"):
+        read_regular_file(root / "link.md", root)
+    with pytest.raises(NotIndexable, match="over AGENTKIT_MAX_FILE_BYTES \\(100 bytes\\)"):
+        read_regular_file(root / "big.md", root, max_bytes=100)
+    assert read_regular_file(root / "big.md", root, max_bytes=101) == b"x" * 101
+    assert read_regular_file(root / "link.md") == b"secret"  # no root: no confinement
 
 
 def test_users_can_register_a_loader(tmp_path: Path) -> None:
