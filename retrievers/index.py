@@ -6,7 +6,8 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,9 @@ class Index:
         chunking = store.manifest["chunking"]
         self.chunking = ChunkingParams(chunking["max_tokens"], chunking["overlap_tokens"])
         self._follow_lock = threading.Lock()
+        # searches share the index; a write in this process has it alone (FAISS is changed in
+        # place). Other processes are kept apart by the writer lock file and SQLite's WAL.
+        self.lock = ReadWriteLock()
 
     @property
     def path(self) -> Path:
@@ -152,7 +156,7 @@ class Index:
 
     def search(self, query: str, *, k: int = 5, mode: SearchMode = "hybrid") -> list[Hit]:
         """The ``k`` best chunks for ``query`` (hybrid: dense + BM25, fused by reciprocal rank)."""
-        with damage_reported(self.path):
+        with self.lock.reading(), damage_reported(self.path):
             return search(
                 self.follow_disk(),
                 self.embedder,
@@ -170,7 +174,7 @@ class Index:
 
     def sync_folder(self, folder: str | Path, *, progress: ProgressFn | None = None) -> SyncSummary:
         """Make the index match ``folder``: add new files, replace changed, remove deleted."""
-        with writer_lock(self.path), damage_reported(self.path):
+        with self.lock.writing(), writer_lock(self.path), damage_reported(self.path):
             return indexer.sync_folder(
                 self._writable_store(),
                 self.embedder,
@@ -182,26 +186,45 @@ class Index:
 
     def add_documents(self, docs: Iterable[LoadedDocument]) -> SyncSummary:
         """Add or replace in-memory documents (matched by root and source)."""
-        with writer_lock(self.path), damage_reported(self.path):
+        with self.lock.writing(), writer_lock(self.path), damage_reported(self.path):
             return indexer.add_documents(self._writable_store(), self.embedder, docs, self.chunking)
 
     def remove_source(self, source: str) -> int:
         """Remove every document with this source path; returns how many were removed."""
-        with writer_lock(self.path), damage_reported(self.path):
-            self._writable_store()
-            ids = [
-                r[0]
-                for r in self.store.db.execute(
-                    "SELECT id FROM documents WHERE source = ?", (source,)
-                )
-            ]
+        with self.lock.writing(), writer_lock(self.path), damage_reported(self.path):
+            store = self._writable_store()
+            ids = store.document_ids(source)
             if ids:
-                with self.store.transaction():
-                    self.store.remove_documents(ids)
+                with store.transaction():
+                    store.remove_documents(ids)
             return len(ids)
 
+    def version(self) -> tuple[int, int]:
+        """(file, generation): changes whenever what the index holds changes (a ``--full``
+        rebuild is another file, whose generations start again)."""
+        with self.lock.reading(), damage_reported(self.path):
+            store = self.follow_disk()
+            return store.inode, store.generation
+
+    def titles(self) -> dict[int, str]:
+        """Every document's title by its id."""
+        with self.lock.reading(), damage_reported(self.path):
+            return self.follow_disk().titles()
+
+    def document_text(self, document_id: int) -> str:
+        """A document's text rebuilt from its chunks (overlaps removed)."""
+        with self.lock.reading(), damage_reported(self.path):
+            rows = self.follow_disk().document_chunks(document_id)
+        parts, end = [], 0
+        for text, start, stop in rows:
+            if stop <= end:
+                continue
+            parts.append(("\n" if start > end and parts else "") + text[max(0, end - start) :])
+            end = stop
+        return "".join(parts)
+
     def stats(self) -> dict[str, Any]:
-        with damage_reported(self.path):
+        with self.lock.reading(), damage_reported(self.path):
             documents, chunks = self.follow_disk().counts()
         return {
             "path": str(self.path),
@@ -218,6 +241,45 @@ class Index:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ReadWriteLock:
+    """Many readers or one writer; a waiting writer goes before readers that come after it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writer and not self._writers_waiting)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                self._cond.wait_for(lambda: not self._writer and not self._readers)
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
 
 
 def check_embedding_model(

@@ -225,14 +225,16 @@ class IndexStore:
         checked first: IndexCorruptError when it is damaged."""
         self.path = path
         self.manifest = manifest
-        self._vocab_ready, self._vocab_lock = False, threading.Lock()
+        # one connection per thread: WAL readers run in parallel (a shared connection would
+        # serialise them on its mutex); a writer stays on its thread's connection
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
         if not new:
             check_sqlite_file(path)
-        self.db = sqlite3.connect(path / SQLITE_FILE, isolation_level=None, check_same_thread=False)
         try:
             with damage_reported(path):
                 self.db.execute("PRAGMA journal_mode=WAL")
-                self.db.execute("PRAGMA synchronous=NORMAL")
                 if new:
                     self.db.executescript(SCHEMA)
                     self.db.execute("INSERT OR REPLACE INTO meta VALUES ('generation', '0')")
@@ -242,8 +244,22 @@ class IndexStore:
                 self.loaded_generation = -1  # the committed generation self.vectors holds
                 self.vectors = self._load_vectors()
         except BaseException:
-            self.db.close()
+            self.close()
             raise
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """This thread's connection to ``index.sqlite``."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(
+                self.path / SQLITE_FILE, isolation_level=None, check_same_thread=False
+            )
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._local.db, self._local.vocab_ready = db, False
+            with self._connections_lock:
+                self._connections.append(db)
+        return db
 
     def _check_tables(self) -> None:
         """IndexCorruptError when tables or the generation are missing, or the manifest is ahead
@@ -432,18 +448,16 @@ class IndexStore:
         """For each word, how many chunks hold it, as FTS5 tokenises it (stemmed); a word the
         tokenizer splits (``docs_src``) counts its rarest piece, an upper bound of its matches.
         """
-        with self._vocab_lock:  # one scratch table per connection
-            if not self._vocab_ready:  # (not executescript: it would COMMIT an open transaction)
-                for statement in VOCAB_TABLES:
-                    self.db.execute(statement)
-                self._vocab_ready = True
-            self.db.executemany(
-                "INSERT INTO temp.query_words (rowid, word) VALUES (?, ?)", enumerate(words)
-            )
-            try:
-                tokens = self.db.execute("SELECT doc, term FROM temp.query_tokens").fetchall()
-            finally:
-                self.db.execute("DELETE FROM temp.query_words")
+        db = self.db  # scratch tables are per connection, and so per thread
+        if not self._local.vocab_ready:  # (not executescript: it would COMMIT an open transaction)
+            for statement in VOCAB_TABLES:
+                db.execute(statement)
+            self._local.vocab_ready = True
+        db.executemany("INSERT INTO temp.query_words (rowid, word) VALUES (?, ?)", enumerate(words))
+        try:
+            tokens = db.execute("SELECT doc, term FROM temp.query_tokens").fetchall()
+        finally:
+            db.execute("DELETE FROM temp.query_words")
         frequency: dict[str, int] = {}
         for term in {t for _, t in tokens}:
             row = self.db.execute("SELECT doc FROM temp.index_vocab WHERE term = ?", (term,))
@@ -453,10 +467,30 @@ class IndexStore:
             per_word[word] = min(per_word.get(word, frequency[term]), frequency[term])
         return [per_word.get(i, 0) for i in range(len(words))]
 
+    def document_ids(self, source: str) -> list[int]:
+        """Ids of the documents with this source path (one per root)."""
+        rows = self.db.execute("SELECT id FROM documents WHERE source = ?", (source,))
+        return [r[0] for r in rows]
+
+    def titles(self) -> dict[int, str]:
+        """Every document's title by its id."""
+        return dict(self.db.execute("SELECT id, title FROM documents").fetchall())
+
+    def document_chunks(self, document_id: int) -> list[tuple[str, int, int]]:
+        """(text, char_start, char_end) of a document's chunks, in document order."""
+        return self.db.execute(
+            "SELECT text, char_start, char_end FROM chunks WHERE document_id = ? "
+            "ORDER BY char_start",
+            (document_id,),
+        ).fetchall()
+
     def counts(self) -> tuple[int, int]:
         documents = self.db.execute("SELECT count(*) FROM documents").fetchone()[0]
         chunks = self.db.execute("SELECT count(*) FROM chunks").fetchone()[0]
         return documents, chunks
 
     def close(self) -> None:
-        self.db.close()
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for db in connections:
+            db.close()

@@ -325,3 +325,50 @@ def test_an_open_index_follows_what_other_writers_commit(
     assert "penguin.txt" in sources and "notes.txt" not in sources and "n.txt" not in sources
     assert reader.stats()["documents"] == 4  # install.md, page.html, narwhal.txt, penguin.txt
     reader.close()
+
+
+class MeetingEmbedder(HashingEmbedder):
+    """Embeds a query only once ``parties`` searches are inside ``embed`` at the same time."""
+
+    def __init__(self, parties: int) -> None:
+        super().__init__()
+        import threading
+
+        self.meeting = threading.Barrier(parties, timeout=10)
+        self.meet = False
+
+    def embed(self, texts):  # type: ignore[override]
+        if self.meet:
+            self.meeting.wait()  # BrokenBarrierError if searches were serialised
+        return super().embed(texts)
+
+
+def test_searches_from_several_threads_run_at_once(docs: Path, settings: Settings) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    embedder = MeetingEmbedder(parties=4)
+    build(docs, settings, embedder)
+    with Index.open(settings.index, settings=settings, embedder=embedder) as index:
+        embedder.meet = True
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda q: index.search(q, k=2), ["zlib"] * 4))
+    assert all(r and r[0].source == "guide/install.md" for r in results)
+
+
+def test_a_write_in_this_process_has_the_index_to_itself(
+    docs: Path, settings: Settings, embedder: HashingEmbedder
+) -> None:
+    import threading
+
+    build(docs, settings, embedder)
+    with Index.open(settings.index, settings=settings, embedder=embedder) as index:
+        events: list[str] = []
+        with index.lock.writing():
+            searcher = threading.Thread(
+                target=lambda: events.append(f"search {len(index.search('zlib', k=1))}")
+            )
+            searcher.start()
+            searcher.join(timeout=0.3)  # it must still be waiting
+            events.append("write done")
+        searcher.join()
+    assert events == ["write done", "search 1"]

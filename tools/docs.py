@@ -34,23 +34,23 @@ def sentences(text: str) -> list[str]:
     return out
 
 
-_TITLES: dict[tuple[str, int], tuple[int, dict[str, int], dict[str, int]]] = {}
+TitleMaps = tuple[dict[int, str], dict[str, int], dict[str, int]]
+_TITLES: dict[str, tuple[tuple[int, int], TitleMaps]] = {}
 
 
-def title_maps(index: Index) -> tuple[dict[str, int], dict[str, int]]:
-    """Document ids by exact and by normalised title, read once per index generation rather
-    than once per episode (an API serves many episodes over one index). A rebuilt index is
-    another SQLite file (another inode), whose generations start again."""
-    store = index.follow_disk()
-    key, generation = (str(index.path), store.inode), store.generation
-    cached = _TITLES.get(key)
-    if cached is None or cached[0] != generation:
-        rows = store.db.execute("SELECT id, title FROM documents").fetchall()
+def title_maps(index: Index) -> TitleMaps:
+    """Titles by document id, and document ids by exact and by normalised title, read once per
+    index version rather than once per episode (an API serves many episodes over one index)."""
+    version = index.version()
+    cached = _TITLES.get(str(index.path))
+    if cached is None or cached[0] != version:
+        titles = index.titles()
         loose: dict[str, int] = {}
-        for doc_id, title in rows:
+        for doc_id, title in titles.items():
             loose.setdefault(normalize_title(title), doc_id)
-        cached = _TITLES[key] = (generation, {title: doc_id for doc_id, title in rows}, loose)
-    return cached[1], cached[2]
+        exact = {title: doc_id for doc_id, title in titles.items()}
+        cached = _TITLES[str(index.path)] = (version, (titles, exact, loose))
+    return cached[1]
 
 
 class DocumentExplorer:
@@ -63,22 +63,7 @@ class DocumentExplorer:
         self._keyword: str | None = None
         self._matches: list[str] = []
         self._cursor = 0
-        self._exact, self._loose = title_maps(index)
-
-    def document_text(self, doc_id: int) -> str:
-        """The document's text rebuilt from its chunks (overlaps removed)."""
-        rows = self.index.store.db.execute(
-            "SELECT text, char_start, char_end FROM chunks WHERE document_id = ? "
-            "ORDER BY char_start",
-            (doc_id,),
-        )
-        parts, end = [], 0
-        for text, start, stop in rows:
-            if stop <= end:
-                continue
-            parts.append(("\n" if start > end and parts else "") + text[max(0, end - start) :])
-            end = stop
-        return "".join(parts)
+        self._titles, self._exact, self._loose = title_maps(index)
 
     def search(self, entity: str) -> str:
         entity = entity.strip().strip("\"'")
@@ -87,11 +72,9 @@ class DocumentExplorer:
             hits = self.index.search(entity, k=self.similar * 2) if entity else []
             titles = list(dict.fromkeys(h.title for h in hits))[: self.similar]
             return f"Could not find [{entity}]. Similar: {titles}."
-        title = self.index.store.db.execute(
-            "SELECT title FROM documents WHERE id = ?", (doc_id,)
-        ).fetchone()[0]
+        title = self._titles[doc_id]
         self.current = title
-        self._sentences = sentences(self.document_text(doc_id))
+        self._sentences = sentences(self.index.document_text(doc_id))
         self._keyword = None
         return " ".join(self._sentences[:FIRST_SENTENCES]) or f"[{title}] is empty."
 
