@@ -1,1 +1,1 @@
-"""agentkit.services (see ../shared/design.md)."""
+"""agentkit.services: the REST API, the feedback and conversation stores, the model server."""

@@ -170,15 +170,21 @@ from agentkit import index_folder
 from agentkit.settings import Settings
 from agentkit.retrievers import indexer
 
-class Marking(HashingEmbedder):
-    def embed(self, texts):
-        pathlib.Path({marker!r}).touch()
-        return super().embed(texts)
+def written(done, total, chunks):  # the progress signal: chunks embedded and written so far
+    pathlib.Path({marker!r}).write_text(str(chunks))
 
 indexer.EMBED_BATCH_CHUNKS = 1
 settings = Settings(index={index!r}, cache_dir={cache!r})
-index_folder({docs!r}, settings=settings, embedder=Marking(delay_s=0.5), full={full})
+index_folder({docs!r}, settings=settings, embedder=HashingEmbedder(delay_s=0.5), full={full},
+             progress=written)
 """
+
+
+def chunks_written(marker: Path) -> int:
+    try:
+        return int(marker.read_text() or 0)
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return 0
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["incremental", "full"])
@@ -191,7 +197,7 @@ def test_killing_the_indexer_mid_run_leaves_the_previous_index(
     for i in range(20):
         (docs / f"extra{i}.md").write_text(f"# Extra {i}\n\nThe tapir number {i}.\n")
     (docs / "notes.txt").write_text("changed\n")
-    marker = tmp_path / "embedding-started"
+    marker = tmp_path / "chunks-written"
     script = KILL_SCRIPT.format(
         tests=str(Path(__file__).parent),
         marker=str(marker),
@@ -202,12 +208,11 @@ def test_killing_the_indexer_mid_run_leaves_the_previous_index(
     )
     process = subprocess.Popen([sys.executable, "-c", script], env={**os.environ})
     deadline = time.monotonic() + 60
-    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.7)  # some batches written inside the transaction
+    while chunks_written(marker) < 2 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # polls for the progress signal; not a wait standing in for it
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL  # killed mid-run, not finished
-    assert marker.exists()
+    assert chunks_written(marker) >= 2  # batches were written inside the transaction
     with Index.open(settings.index, settings=settings, embedder=embedder) as index:
         assert (sources(index), index.store.counts()) == before
         assert index.search("walrus release", k=1)[0].source == "notes.txt"

@@ -1,1 +1,1 @@
-"""agentkit.tools (see ../shared/design.md)."""
+"""agentkit.tools: the @tool registry, search/lookup/finish over an index, the sandbox."""
