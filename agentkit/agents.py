@@ -150,9 +150,12 @@ def _whole(spec: AgentSpec, context: AgentContext, request: AgentRequest) -> Ite
 def _rag(context: AgentContext, request: AgentRequest) -> Any:
     from agentkit.rag import RAG
 
-    return RAG.from_settings(
+    rag = RAG.from_settings(
         context.index, context.model, context.settings, max_tokens=request.max_tokens
     )
+    if request.temperature is not None:
+        rag.temperature = request.temperature
+    return rag
 
 
 def _rag_data(answer: Any) -> dict[str, Any]:
@@ -181,7 +184,8 @@ def stream_rag(context: AgentContext, request: AgentRequest) -> Iterator[AgentEv
 def run_pal(context: AgentContext, request: AgentRequest) -> AgentResult:
     from agentkit.pal import PAL
 
-    solved = PAL(context.model, context.sandbox).solve(request.question, cancel=request.cancel)
+    pal = PAL(context.model, context.sandbox, temperature=request.temperature)
+    solved = pal.solve(request.question, cancel=request.cancel)
     text = solved.text or (solved.result.error or "")
     return AgentResult([text], {"pal": solved.to_dict()}, solved.usage, solved)
 
@@ -200,8 +204,9 @@ def stream_react(context: AgentContext, request: AgentRequest) -> Iterator[Agent
     for item in ReAct(context.model, index=context.index).steps(request.question):
         if isinstance(item, Step):
             yield AgentEvent(data={"step": item.to_dict()})
-        else:
-            yield AgentEvent(text=item.answer, usage=item.usage)
+        else:  # the trajectory: its steps went out one by one, the rest (fallback, ...) now
+            summary = {k: v for k, v in item.to_dict().items() if k != "steps"}
+            yield AgentEvent(text=item.answer, data={"react": summary}, usage=item.usage)
 
 
 def run_model(context: AgentContext, request: AgentRequest) -> AgentResult:

@@ -132,6 +132,39 @@ class ConversationStore:
                 (conversation_id, conversation_id, self.keep_messages),
             )
 
+    def summaries(self, owner: str | None, limit: int = 100) -> list[dict[str, object]]:
+        """``owner``'s conversations (``None``: those no key owns), most recently used first:
+        ``{id, title (the first user message, cut to 80 characters), messages, created,
+        updated}``."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT c.id, c.created, count(m.id), max(m.created), (SELECT content FROM "
+                "messages WHERE conversation_id = c.id AND role = 'user' ORDER BY id LIMIT 1) "
+                "FROM conversations c JOIN messages m ON m.conversation_id = c.id "
+                "WHERE c.owner IS ? GROUP BY c.id ORDER BY max(m.id) DESC LIMIT ?",
+                (owner, limit),
+            ).fetchall()
+        return [
+            {
+                "id": id_,
+                "title": " ".join((title or "").split())[:80],
+                "messages": count,
+                "created": created,
+                "updated": updated,
+            }
+            for id_, created, count, updated, title in rows
+        ]
+
+    def delete(self, conversation_id: str, owner: str | None) -> None:
+        """Delete the conversation and its messages; ``ConversationNotFound`` unless ``owner``
+        owns it (``None``: a conversation no key owns)."""
+        with self._writing() as db:
+            row = self._owner_row(conversation_id)
+            if row is None or row[0] != owner:
+                raise ConversationNotFound(conversation_id)
+            db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
+            db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+
     def close(self) -> None:
         with self._lock:
             self._db.close()

@@ -273,23 +273,7 @@ class FeedbackStore:
                 args,
             ).fetchall()
             db.execute("COMMIT")
-        pairs: list[dict[str, str]] = []
-        for prompt, ranking, ties in rankings:
-            order = json.loads(ranking)
-            tied = {c: i for i, group in enumerate(json.loads(ties or "[]")) for c in group}
-            for better, worse in itertools.combinations(order, 2):
-                if better in tied and tied.get(worse) == tied[better]:
-                    continue
-                pairs.append({"prompt": prompt, "chosen": better, "rejected": worse})
-        net: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        for prompt, completion, rating in ratings:
-            net[prompt][completion] += rating
-        for prompt, scores in net.items():
-            good = [c for c, s in scores.items() if s > 0]
-            bad = [c for c, s in scores.items() if s < 0]
-            for chosen, rejected in itertools.product(good, bad):
-                pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-        return pairs
+        return to_pairs(rankings, ratings)
 
     def close(self) -> None:
         """Close every connection; the store cannot be used afterwards."""
@@ -300,3 +284,27 @@ class FeedbackStore:
                 self._readers.get_nowait().close()
             except queue.Empty:
                 return
+
+
+def to_pairs(
+    rankings: list[tuple[str, str, str | None]], ratings: list[tuple[str, str, int]]
+) -> list[dict[str, str]]:
+    """Preference pairs from ranking rows ``(prompt, ranking JSON, ties JSON)`` and rating rows
+    ``(prompt, completion, rating)``, preferred completion first (``chosen``)."""
+    pairs: list[dict[str, str]] = []
+    for prompt, ranking, ties in rankings:
+        order = json.loads(ranking)
+        tied = {c: i for i, group in enumerate(json.loads(ties or "[]")) for c in group}
+        for better, worse in itertools.combinations(order, 2):
+            if better in tied and tied.get(worse) == tied[better]:
+                continue
+            pairs.append({"prompt": prompt, "chosen": better, "rejected": worse})
+    net: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for prompt, completion, rating in ratings:
+        net[prompt][completion] += rating
+    for prompt, scores in net.items():
+        good = [c for c, s in scores.items() if s > 0]
+        bad = [c for c, s in scores.items() if s < 0]
+        for chosen, rejected in itertools.product(good, bad):
+            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return pairs
