@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -456,12 +457,14 @@ def serve_command(
     llm_url: LlmUrlOption = None,
     with_model: Annotated[bool, typer.Option(help="Start the embedded model server too.")] = False,
 ) -> None:
-    """Serve the chat REST API (OpenAI-compatible) over the index and the model."""
-    import uvicorn
+    """Serve the chat REST API (OpenAI-compatible) over the index and the model.
 
+    SIGTERM or Ctrl-C stops it: open chat requests get AGENTKIT_API_SHUTDOWN_GRACE_S more
+    seconds, then streams end with an error event; a second signal exits at once (status 1).
+    """
     from agentkit.llm import connect
     from agentkit.retrievers import Index
-    from agentkit.services.api import ApiConfig, create_app
+    from agentkit.services.api import ApiConfig, create_app, serve
     from agentkit.services.conversations import ConversationStore
     from agentkit.services.feedback import FeedbackStore
     from agentkit.services.model_server import ModelServer, ServeOptions
@@ -469,26 +472,32 @@ def serve_command(
     if workers != 1:
         errors.print("[yellow]warning:[/] one worker process per API for now; scale with replicas")
     server = None
-    with reported_errors():
+    clean = True
+    with reported_errors(), ExitStack() as stack:
         settings = get_settings(llm_url=llm_url)
         if with_model:
             server = ModelServer(ServeOptions(port=settings.model_port), settings.cache_dir)
+            stack.callback(lambda: server.stop(grace_s=20.0 if clean else 0.0))  # type: ignore[union-attr]
             settings = get_settings(llm_url=server.start())
-        try:
-            opened = (
-                Index.open(index, settings=settings) if (index or settings.index.exists()) else None
-            )
-            app_ = create_app(
-                connect(settings),
-                opened,
-                feedback=FeedbackStore(settings.feedback_db),
-                config=ApiConfig.from_settings(settings),
-                conversations=ConversationStore(settings.conversations_db),
-            )
-            uvicorn.run(app_, host=host, port=port, log_level="info", server_header=False)
-        finally:
-            if server is not None:
-                server.stop()
+        opened = None
+        if index or settings.index.exists():
+            opened = Index.open(index, settings=settings)
+        feedback = FeedbackStore(settings.feedback_db)
+        stack.callback(feedback.close)
+        conversations = ConversationStore(settings.conversations_db)
+        stack.callback(conversations.close)
+        app_ = create_app(
+            connect(settings),
+            opened,
+            feedback=feedback,
+            config=ApiConfig.from_settings(settings),
+            conversations=conversations,
+            settings=settings,
+        )
+        # A forced exit must not leave the model server behind: it runs in a session of its own.
+        clean = serve(app_, host, port, on_forced_exit=server and partial(server.stop, grace_s=0))
+    if not clean:
+        raise typer.Exit(1)
 
 
 @app.command("chat")

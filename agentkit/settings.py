@@ -87,6 +87,12 @@ class Settings(BaseSettings):
         description="/metrics, /docs, /redoc and /openapi.json need a key; unset: when keys "
         "are set.",
     )
+    api_shutdown_grace_s: float = Field(
+        10.0,
+        ge=0,
+        description="On SIGTERM/SIGINT, how long open chat requests may still run; then streams "
+        "end with an error event and a second signal exits at once.",
+    )
     conversations_db: Path = Field(
         Path(".agentkit/conversations.sqlite"), description="Server-side chat history."
     )
