@@ -574,6 +574,125 @@ def chat_command(
         console.print(text, highlight=False, markup=False)
 
 
+feedback_app = typer.Typer(help="Human feedback: labeling tasks.", no_args_is_help=True)
+app.add_typer(feedback_app, name="feedback")
+tasks_app = typer.Typer(
+    help="Labeling tasks: prompts with N completions each, for labelers to rank on the web page.",
+    no_args_is_help=True,
+)
+feedback_app.add_typer(tasks_app, name="tasks")
+
+
+@contextmanager
+def labeling_store() -> Iterator[Any]:
+    """The labeling tasks, in the feedback database (AGENTKIT_FEEDBACK_DB)."""
+    from agentkit.services.feedback import FeedbackStore
+    from agentkit.services.labeling import LabelingStore
+
+    feedback = FeedbackStore(get_settings().feedback_db)
+    try:
+        store = LabelingStore(feedback)
+        try:
+            yield store
+        finally:
+            store.close()
+    finally:
+        feedback.close()
+
+
+def sample_with_progress(store: Any, context: Any, task_id: str, shown: bool) -> dict[str, Any]:
+    """Sample the task's waiting prompts, with a progress bar on a terminal."""
+    from agentkit.services.labeling import sample_task
+
+    if not shown:
+        return sample_task(store, context, task_id)
+    columns = (TextColumn("[bold]sampling"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, console=errors, transient=True) as progress:
+        bar = progress.add_task("sample", total=len(store.pending(task_id)))
+
+        def update(done: int, total: int) -> None:
+            progress.update(bar, completed=done)
+
+        return sample_task(store, context, task_id, progress=update)
+
+
+def print_task(task: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(task)
+        return
+    console.print(
+        f"[bold]{task['id']}[/] {task['name']}: {task['ready']} of {task['prompts']} prompts ready "
+        f"({task['n']} completions each, {task['labelers_per_prompt']} labeler(s) per prompt), "
+        f"{task['rankings']} of {task['rankings_needed']} rankings",
+        highlight=False,
+    )
+    for failure in task["failures"]:
+        errors.print(f"  prompt {failure['prompt']} failed: {failure['error']}", highlight=False)
+
+
+@tasks_app.command("add")
+def tasks_add_command(
+    file: Annotated[Path, typer.Argument(help='JSONL file: one {"prompt": "..."} a line.')],
+    agent: Annotated[
+        str, typer.Option(help="agentkit-rag, agentkit-pal, agentkit-react or the served model.")
+    ] = "agentkit-rag",
+    n: Annotated[int, typer.Option("--n", min=2, max=16, help="Completions per prompt.")] = 4,
+    temperature: Annotated[float, typer.Option(min=0.0, max=2.0)] = 0.8,
+    labelers: Annotated[
+        int, typer.Option("--labelers", min=1, max=50, help="Labelers each prompt needs (k).")
+    ] = 1,
+    name: Annotated[str | None, typer.Option(help="The task's name on the page.")] = None,
+    index: IndexOption = None,
+    llm_url: LlmUrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Create a labeling task and sample N completions of each prompt with the agent (one
+    request with n when the agent is the served model). Labelers rank them on the page."""
+    from agentkit.agents import AgentContext, get_agent
+    from agentkit.llm import connect
+    from agentkit.retrievers import Index
+    from agentkit.services.labeling import read_prompts
+
+    with reported_errors(), ExitStack() as stack:
+        try:
+            text = file.read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise AgentkitError(f"cannot read {file}: {error}; give a UTF-8 JSONL file") from None
+        prompts = read_prompts(text, source=str(file))
+        settings = get_settings(llm_url=llm_url)
+        opened = None
+        if get_agent(agent).needs_index:
+            opened = stack.enter_context(Index.open(index, settings=settings))
+        model = stack.enter_context(connect(settings))
+        model.context_length()  # the model server answers before a task is stored
+        store = stack.enter_context(labeling_store())
+        task = store.create_task(
+            prompts,
+            agent=agent,
+            n=n,
+            temperature=temperature,
+            labelers_per_prompt=labelers,
+            name=name,
+        )
+        context = AgentContext(model, settings, index=opened)
+        task = sample_with_progress(store, context, task["id"], not as_json and errors.is_terminal)
+    print_task(task, as_json)
+
+
+@tasks_app.command("list")
+def tasks_list_command(as_json: JsonOption = False) -> None:
+    """The labeling tasks with their progress."""
+    with reported_errors(), labeling_store() as store:
+        tasks = store.tasks()
+    if as_json:
+        print_json(tasks)
+        return
+    for task in tasks:
+        print_task(task, False)
+    if not tasks:
+        console.print("no labeling tasks; create one with `agentkit feedback tasks add FILE`")
+
+
 def main() -> None:
     app()
 

@@ -323,10 +323,12 @@ class LabelingStore:
             "complete": sum(c >= k for c in per_item),
         }
 
-    def pending(self, task_id: str) -> list[tuple[int, str]]:
-        """(item id, prompt) of the prompts still waiting for completions."""
+    def pending(self, task_id: str, *, failed_too: bool = False) -> list[tuple[int, str]]:
+        """(item id, prompt) of the prompts still waiting for completions (and of those whose
+        sampling failed, with ``failed_too``)."""
+        states = "('pending', 'failed')" if failed_too else "('pending')"
         return self._read(
-            "SELECT id, prompt FROM labeling_items WHERE task_id = ? AND state = 'pending' "
+            f"SELECT id, prompt FROM labeling_items WHERE task_id = ? AND state IN {states} "
             "ORDER BY ordinal",
             (task_id,),
         )  # type: ignore[return-value]
@@ -458,6 +460,7 @@ class LabelingStore:
                 )
             feedback_id = self._insert_feedback(
                 db,
+                kind="ranking",
                 prompt=prompt,
                 ranking=json.dumps([texts[c] for c in ranking]),
                 ties=json.dumps([[texts[c] for c in group] for group in groups]),
@@ -671,12 +674,14 @@ def sample_task(
     *,
     progress: Callable[[int, int], None] | None = None,
     threads: int = SAMPLING_THREADS,
+    failed_too: bool = False,
 ) -> dict[str, Any]:
-    """Sample the completions of every prompt of the task still waiting for them (a few at
-    once); a prompt whose agent fails is marked failed with the error, the others go on.
-    ``progress(done, total)`` after each prompt. Returns the task."""
+    """Sample the completions of every prompt of the task still waiting for them (and of those
+    that failed, with ``failed_too``), a few at once; a prompt whose agent fails is marked
+    failed with the error, the others go on. ``progress(done, total)`` after each prompt.
+    Returns the task."""
     task = store.task(task_id)
-    waiting = store.pending(task_id)
+    waiting = store.pending(task_id, failed_too=failed_too)
     done = 0
     lock = threading.Lock()
 
@@ -718,12 +723,16 @@ def labeling_router(store: LabelingStore, context: AgentContext) -> APIRouter:
         except LabelingError as error:
             raise HTTPException(error.status, str(error)) from None
 
-    def start_sampling(task_id: str) -> None:
+    def start_sampling(task_id: str, failed_too: bool = False) -> None:
         running = samplers.get(task_id)
         if running is not None and running.is_alive():
             return
         thread = threading.Thread(
-            target=sample_task, args=(store, context, task_id), name="agentkit-label", daemon=True
+            target=sample_task,
+            args=(store, context, task_id),
+            kwargs={"failed_too": failed_too},
+            name="agentkit-label",
+            daemon=True,
         )
         samplers[task_id] = thread
         thread.start()
@@ -766,9 +775,9 @@ def labeling_router(store: LabelingStore, context: AgentContext) -> APIRouter:
 
     @router.post("/tasks/{task_id}/sample", status_code=202, responses=errors(401, 404, 429))
     def resume_sampling(task_id: str, _: Caller = AUTHORIZED) -> dict[str, Any]:
-        """Sample what is still pending (after a restart stopped it)."""
+        """Sample what is still pending (after a restart stopped it) and what failed."""
         task = served(lambda: store.task(task_id))
-        start_sampling(task_id)
+        start_sampling(task_id, failed_too=True)
         return task
 
     @router.get("/tasks/{task_id}/next", responses=errors(401, 404, 429))

@@ -65,7 +65,7 @@ async function refresh() {
           "td.actions",
           h("button.primary", { type: "button", on: { click: () => open(task) } }, "Label"),
           h("button", { type: "button", on: { click: () => showAgreement(task) } }, "Agreement"),
-          task.pending ? h("button", { type: "button", title: "Sample the prompts still waiting", on: { click: () => resume(task) } }, "Resume") : null,
+          task.pending || task.failed ? h("button", { type: "button", title: "Sample the prompts still waiting or failed", on: { click: () => resume(task) } }, task.pending ? "Resume" : "Retry failed") : null,
         ),
       ),
     );
@@ -395,16 +395,20 @@ function exportForm() {
       status.textContent = `Export failed: ${error.message}`;
     }
   });
-  fillExportOptions();
-  return h("details.panel", h("summary", h("h2", "Export preferences")), h("p.muted", "Pairs {prompt, chosen, rejected} for TRL's reward and DPO trainers."), form);
+  const panel = h("details.panel", h("summary", h("h2", "Export preferences")), h("p.muted", "Pairs {prompt, chosen, rejected} for TRL's reward and DPO trainers."), form);
+  panel.addEventListener("toggle", () => panel.open && fillExportOptions());
+  return panel;
 }
 
 async function fillExportOptions() {
   try {
     const options = await json("/v1/labeling/export/options");
     const { labelerSelect, agentSelect } = ui.exportForm;
-    clear(labelerSelect, h("option", { value: "" }, "all"), options.labelers.map((l) => h("option", { value: l }, l)));
-    clear(agentSelect, h("option", { value: "" }, "all"), options.agents.map((a) => h("option", { value: a }, a)));
+    for (const [select, values] of [[labelerSelect, options.labelers], [agentSelect, options.agents]]) {
+      const chosen = select.value;
+      clear(select, h("option", { value: "" }, "all"), values.map((v) => h("option", { value: v }, v)));
+      select.value = values.includes(chosen) ? chosen : "";
+    }
   } catch {
     // the tasks list says why labeling is unavailable
   }
@@ -414,6 +418,5 @@ function fillExportTasks(tasks) {
   const select = ui.exportForm.taskSelect;
   const chosen = select.value;
   clear(select, h("option", { value: "" }, "all (chat feedback too)"), tasks.map((t) => h("option", { value: t.id }, `${t.name} (${when(t.created)})`)));
-  select.value = chosen;
-  fillExportOptions();
+  select.value = tasks.some((t) => t.id === chosen) ? chosen : "";
 }
