@@ -189,11 +189,17 @@ class Index:
         with self.lock.writing(), writer_lock(self.path), damage_reported(self.path):
             return indexer.add_documents(self._writable_store(), self.embedder, docs, self.chunking)
 
-    def remove_source(self, source: str) -> int:
-        """Remove every document with this source path; returns how many were removed."""
+    def roots_of(self, source: str) -> set[str]:
+        """The roots (indexed folders) that hold a document with this source path."""
+        with self.lock.reading(), damage_reported(self.path):
+            return self.follow_disk().roots_of(source)
+
+    def remove_source(self, source: str, *, root: str | None = None) -> int:
+        """Remove every document with this source path (only the one under ``root`` if given);
+        returns how many were removed."""
         with self.lock.writing(), writer_lock(self.path), damage_reported(self.path):
             store = self._writable_store()
-            ids = store.document_ids(source)
+            ids = store.document_ids(source, root)
             if ids:
                 with store.transaction():
                     store.remove_documents(ids)

@@ -467,10 +467,20 @@ class IndexStore:
             per_word[word] = min(per_word.get(word, frequency[term]), frequency[term])
         return [per_word.get(i, 0) for i in range(len(words))]
 
-    def document_ids(self, source: str) -> list[int]:
-        """Ids of the documents with this source path (one per root)."""
-        rows = self.db.execute("SELECT id FROM documents WHERE source = ?", (source,))
+    def document_ids(self, source: str, root: str | None = None) -> list[int]:
+        """Ids of the documents with this source path (one per root; or only under ``root``)."""
+        if root is None:
+            rows = self.db.execute("SELECT id FROM documents WHERE source = ?", (source,))
+        else:
+            rows = self.db.execute(
+                "SELECT id FROM documents WHERE source = ? AND root = ?", (source, root)
+            )
         return [r[0] for r in rows]
+
+    def roots_of(self, source: str) -> set[str]:
+        """The roots that hold a document with this source path."""
+        rows = self.db.execute("SELECT DISTINCT root FROM documents WHERE source = ?", (source,))
+        return {r[0] for r in rows}
 
     def titles(self) -> dict[int, str]:
         """Every document's title by its id."""

@@ -406,20 +406,6 @@ class Metrics:
         self.sandbox = Counter("agentkit_sandbox_runs", "Sandbox runs", ["outcome"], registry=r)
 
 
-class LockedIndex:
-    """An Index whose searches wait while a background job writes to it."""
-
-    def __init__(self, index: Index, lock: threading.Lock) -> None:
-        self._index, self._lock = index, lock
-
-    def search(self, *args: Any, **kwargs: Any) -> Any:
-        with self._lock:
-            return self._index.search(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._index, name)
-
-
 def error_body(message: str, kind: str, code: int) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
@@ -993,8 +979,6 @@ def create_app(
     )
     app.state.model, app.state.index, app.state.metrics = model, index, metrics
     app.state.shutdown = stopping
-    index_lock = threading.Lock()  # index writes (jobs) exclude searches; generation runs free
-    shared = LockedIndex(index, index_lock) if index is not None else None
     buckets: dict[str, list[float]] = {}
     box = sandbox or Sandbox()
     jobs: dict[str, dict[str, Any]] = {}
@@ -1163,8 +1147,7 @@ def create_app(
     def search(body: SearchRequest, _: Caller = AUTHORIZED) -> dict[str, Any]:
         if index is None:
             raise HTTPException(404, "no index is loaded: start the API with --index")
-        with index_lock:
-            hits = index.search(body.query, k=body.k, mode=body.mode)
+        hits = index.search(body.query, k=body.k, mode=body.mode)  # Index shares, writes wait
         return {"object": "list", "data": [h.to_dict() for h in hits]}
 
     @app.post("/v1/feedback", responses=errors(400, 401, 404, 413, 429))
@@ -1226,8 +1209,7 @@ def create_app(
 
         def run() -> None:
             try:
-                with index_lock:
-                    summary = work().to_dict()
+                summary = work().to_dict()  # the Index excludes searches while it writes
                 summary["index"] = Path(summary["index"]).name
                 summary["warnings"] = [relative(w) for w in summary["warnings"]]
                 jobs[job_id].update(state="done", summary=summary)
@@ -1353,20 +1335,15 @@ def create_app(
         owner = uploads.owner_of(source) if upload_name and uploads is not None else None
         if not caller.admin and (owner is None or owner != caller.owner):
             raise HTTPException(404, f"no document {source!r} uploaded with this API key")
-        with index_lock:
-            roots = {
-                row[0]
-                for row in target.store.db.execute(
-                    "SELECT DISTINCT root FROM documents WHERE source = ?", (source,)
-                )
-            }
-            if not caller.admin and roots - {str(upload_root)}:
-                raise HTTPException(
-                    409,
-                    f"{source!r} also names a document that was not uploaded; "
-                    "ask an admin to delete it",
-                )
-            removed = target.remove_source(source)
+        roots = target.roots_of(source)
+        if not caller.admin and roots - {str(upload_root)}:
+            raise HTTPException(
+                409,
+                f"{source!r} also names a document that was not uploaded; "
+                "ask an admin to delete it",
+            )
+        # a user key removes only its upload, whatever another writer added since the check
+        removed = target.remove_source(source, root=None if caller.admin else str(upload_root))
         if upload_name and upload_root and uploads and str(upload_root) in roots:
             with upload_lock:
                 try:
@@ -1378,7 +1355,7 @@ def create_app(
             raise HTTPException(404, f"no document with source {source!r}")
         return {"deleted": source, "documents": removed}
 
-    context = AgentContext(model, settings, index=shared, sandbox=box)
+    context = AgentContext(model, settings, index=index, sandbox=box)
 
     def served_model() -> str | None:
         """The name of the model passed through to, when the model says it (a server does)."""
