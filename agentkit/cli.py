@@ -452,7 +452,6 @@ def react_command(
 def serve_command(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8080,
-    workers: Annotated[int, typer.Option(min=1, max=64)] = 1,
     index: IndexOption = None,
     llm_url: LlmUrlOption = None,
     with_model: Annotated[bool, typer.Option(help="Start the embedded model server too.")] = False,
@@ -469,8 +468,6 @@ def serve_command(
     from agentkit.services.feedback import FeedbackStore
     from agentkit.services.model_server import ModelServer, ServeOptions
 
-    if workers != 1:
-        errors.print("[yellow]warning:[/] one worker process per API for now; scale with replicas")
     server = None
     clean = True
     with reported_errors(), ExitStack() as stack:
