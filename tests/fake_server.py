@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -83,3 +84,23 @@ def fake_server(handler: Handler) -> Iterator[tuple[str, list[tuple[str, Any]]]]
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """``app`` (ASGI) under uvicorn in a thread; yields its base URL. The socket listens before
+    the server starts, so requests wait in its backlog instead of the test waiting for it."""
+    import uvicorn
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        listener.close()

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
-from fake_server import MODELS
+from fake_server import MODELS, serving
 from fakes import HashingEmbedder
 from fastapi.testclient import TestClient
 
@@ -367,31 +366,14 @@ class WatchedSandbox(Sandbox):
         return result
 
 
-@contextmanager
-def serving(app) -> Iterator[str]:
-    """``app`` under uvicorn in a thread, on a socket that listens before the thread starts (a
-    client may connect at once)."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        listener.close()
-
-
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_client_that_disconnects_cancels_its_pal_run(stream: bool) -> None:
     timeout_s = 120.0
     sandbox = WatchedSandbox(timeout_s=timeout_s, workers=1)
     model = ScriptedChatModel(lambda messages, **kw: LOOPING_PROGRAM)
     try:
-        with serving(create_app(model, sandbox=sandbox)) as address:
+        with serving(create_app(model, sandbox=sandbox)) as url:
+            address = url.removeprefix("http://")
             host, port = address.split(":")
             body = json.dumps(ask("Count for ever.", model="agentkit-pal", stream=stream))
             request = (

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
+from fake_server import serving
 from fakes import HashingEmbedder
 
 from agentkit import AsyncClient, Client, Index, index_folder
@@ -30,24 +26,6 @@ def reply(messages: list[dict[str, str]], **options: Any) -> str:
     if "Sources:" in messages[-1]["content"]:
         return "The aardvark module needs zlib [1]."
     return "Echo: " + messages[-1]["content"]
-
-
-@contextmanager
-def serving(app: Any) -> Iterator[str]:
-    """``app`` under uvicorn on a free port. The socket listens before the server starts, so
-    requests wait in its backlog instead of the test waiting for the server."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join()
-        sock.close()
 
 
 @pytest.fixture
