@@ -37,9 +37,24 @@ from fastapi.responses import Response
 from pydantic import Field, field_validator
 from starlette.exceptions import HTTPException
 
-from agentkit.agents import PASS_THROUGH, AgentContext, AgentRequest, get_agent, run_agent
+from agentkit.agents import (
+    PASS_THROUGH,
+    AgentContext,
+    AgentRequest,
+    agent_names,
+    get_agent,
+    run_agent,
+)
 from agentkit.errors import AgentkitError
-from agentkit.services.api import AUTHORIZED, Caller, StrictModel, errors, whole_number
+from agentkit.services.api import (
+    AUTHORIZED,
+    Caller,
+    RankingFeedback,
+    RatingFeedback,
+    StrictModel,
+    errors,
+    whole_number,
+)
 from agentkit.services.feedback import BUSY_TIMEOUT_MS, FeedbackStore, to_pairs, use_wal, when_free
 
 SCHEMA = [
@@ -71,6 +86,10 @@ class LabelingError(AgentkitError):
 
 
 class TaskNotFound(LabelingError):
+    status = 404
+
+
+class UnknownAgent(LabelingError):
     status = 404
 
 
@@ -188,6 +207,18 @@ def shuffled(ids: list[int], labeler: str, item_id: int) -> list[int]:
         return hashlib.sha256(f"{labeler}\0{item_id}\0{c}".encode()).digest()
 
     return sorted(ids, key=key)
+
+
+def check_agent_name(agent: str, context: AgentContext) -> None:
+    """LabelingError unless ``agent`` is a registered agent that can run here, or the served
+    model's name (when the model says it)."""
+    spec = get_agent(agent)
+    served = getattr(context.model, "model", None)
+    if spec is PASS_THROUGH and isinstance(served, str) and agent != served:
+        names = ", ".join([*agent_names(), served])
+        raise UnknownAgent(f"no agent or model {agent!r} here; use one of {names}")
+    if spec.needs_index and context.index is None:
+        raise LabelingError(f"{agent} needs an index: start the API with --index")
 
 
 def sample_completions(
@@ -744,7 +775,7 @@ def labeling_router(store: LabelingStore, context: AgentContext) -> APIRouter:
     def list_tasks(_: Caller = AUTHORIZED) -> dict[str, Any]:
         return {"object": "list", "data": store.tasks()}
 
-    @router.post("/tasks", status_code=202, responses=errors(400, 401, 413, 429))
+    @router.post("/tasks", status_code=202, responses=errors(400, 401, 404, 413, 429))
     def create_task(body: TaskRequest, caller: Caller = AUTHORIZED) -> dict[str, Any]:
         """Prompts as a list or as the text of a JSONL file; their completions are sampled in
         the background (watch ``pending`` in ``GET /v1/labeling/tasks/ID``)."""
@@ -752,6 +783,7 @@ def labeling_router(store: LabelingStore, context: AgentContext) -> APIRouter:
             raise HTTPException(400, "send either prompts (a list) or jsonl (a file's text)")
 
         def create() -> dict[str, Any]:
+            check_agent_name(body.agent, context)
             prompts = body.prompts if body.jsonl is None else read_prompts(body.jsonl)
             if body.prompts is not None:
                 read_prompts("\n".join(json.dumps(p) for p in prompts), source="prompts")
@@ -813,20 +845,24 @@ def labeling_router(store: LabelingStore, context: AgentContext) -> APIRouter:
         )
 
     @router.post("/feedback", responses=errors(400, 401, 413, 429))
-    def chat_feedback(body: ChatFeedback, caller: Caller = AUTHORIZED) -> dict[str, Any]:
+    def chat_feedback(
+        body: ChatRating | ChatRanking, caller: Caller = AUTHORIZED
+    ) -> dict[str, Any]:
         """As ``POST /v1/feedback``, with the agent that answered (for the export's filter);
         the labeler defaults to the key's name."""
+        kind = (
+            {"completion": body.completion, "rating": body.rating}
+            if isinstance(body, ChatRating)
+            else {"ranking": body.ranking, "ties": body.ties}
+        )
         row = served(
             lambda: store.add_feedback(
                 prompt=body.prompt,
                 labeler=labeler_of(body.labeler, caller),
                 agent=body.agent,
-                completion=body.completion,
-                rating=body.rating,
-                ranking=body.ranking,
-                ties=body.ties,
                 comment=body.comment,
                 owner=caller.owner,
+                **kind,
             )
         )
         return {"id": row, "object": "feedback"}
@@ -916,17 +952,18 @@ class RankingRequest(StrictModel):
     labeler: str | None = Field(None, max_length=200)
 
 
-class ChatFeedback(StrictModel):
-    prompt: str = Field(min_length=1, max_length=100_000)
-    completion: str | None = Field(None, max_length=100_000)
-    rating: Literal[1, -1] | None = None
-    ranking: list[str] | None = Field(None, min_length=2, max_length=50)
-    ties: list[list[str]] | None = None
-    comment: str | None = Field(None, max_length=10_000)
-    labeler: str | None = Field(None, max_length=200)
+class ChatRating(RatingFeedback):
+    """A rating as ``POST /v1/feedback`` takes it, the labeler optional, the agent recorded."""
+
+    labeler: str | None = Field(None, max_length=200)  # type: ignore[assignment]
     agent: str | None = Field(None, max_length=200)
 
-    _not_a_boolean = field_validator("rating", mode="before")(not_a_boolean)
+
+class ChatRanking(RankingFeedback):
+    """A ranking as ``POST /v1/feedback`` takes it, the labeler optional, the agent recorded."""
+
+    labeler: str | None = Field(None, max_length=200)  # type: ignore[assignment]
+    agent: str | None = Field(None, max_length=200)
 
 
 class FeedbackChange(StrictModel):

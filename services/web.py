@@ -8,7 +8,8 @@ of ``immutable`` caching: a new version of any file is a new URL, and modules im
 ``Content-Security-Policy`` is ``default-src 'self'`` (set by the API's security headers).
 
 Besides the page, the routers here add what it needs and the REST API lacked: the caller
-(``/v1/whoami``), conversations (list, read, delete), the documents of the index and its stats.
+(``/v1/whoami``), conversations (list, read, delete), the documents of the index and its stats
+(``/v1/index/...``).
 """
 
 from __future__ import annotations
@@ -106,13 +107,30 @@ def conversations_router(conversations: ConversationStore | None) -> APIRouter:
         store().delete(conversation_id, caller.owner)
         return {"deleted": conversation_id}
 
+    allow_only(router, "/{conversation_id}", "GET", "DELETE")
     return router
 
 
+def allow_only(router: APIRouter, path: str, *methods: str) -> None:
+    """Answer the methods ``path`` lacks with a 405 naming every method it has.
+
+    Starlette answers such a method from the first route of the path, so where each method is
+    a route of its own the ``Allow`` it sends would name only that route's method."""
+    allowed = ", ".join(methods)
+
+    def refuse() -> None:
+        raise HTTPException(405, headers={"Allow": allowed})
+
+    others = [m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")]
+    router.add_api_route(
+        path, refuse, methods=[m for m in others if m not in methods], include_in_schema=False
+    )
+
+
 def documents_router(index: Any, config: ApiConfig) -> APIRouter:
-    """``GET /v1/documents`` (what the index holds; which of it the caller may delete) and
-    ``GET /v1/documents/stats``. Paths are shown relative to their root, never absolute."""
-    router = APIRouter(prefix="/v1/documents", tags=["documents"])
+    """``GET /v1/index/documents`` (what the index holds; which of it the caller may delete)
+    and ``GET /v1/index/stats``. Paths are shown relative to their root, never absolute."""
+    router = APIRouter(prefix="/v1/index", tags=["documents"])
     upload_root = str(Path(config.upload_dir).resolve()) if config.upload_dir else None
 
     def need_index() -> Any:
@@ -128,7 +146,7 @@ def documents_router(index: Any, config: ApiConfig) -> APIRouter:
         except (OSError, ValueError):
             return {}
 
-    @router.get("", responses=errors(401, 404, 429))
+    @router.get("/documents", responses=errors(401, 404, 429))
     def list_documents(caller: Caller = AUTHORIZED) -> dict[str, Any]:
         rows = need_index().store.db.execute(
             "SELECT source, title, format, n_chunks, indexed_at, root FROM documents "
@@ -185,4 +203,5 @@ def web_router(
     router.include_router(documents_router(context.index, config))
     if feedback is not None:
         router.include_router(labeling_router(LabelingStore(feedback), context))
+        allow_only(router, "/v1/labeling/tasks", "GET", "POST")
     return router

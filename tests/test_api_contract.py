@@ -69,7 +69,8 @@ NEGATIVE_REJECTED = [
 # agent needs a user message with a question, and a question or messages the model's context
 # cannot hold are refused; a tie group must name completions of the same ranking; an upload
 # must carry a file a loader can index (.md .txt .rst .html .pdf) and each name once, and
-# OpenAPI has no words for the file names of a multipart body.
+# OpenAPI has no words for the file names of a multipart body; a labeling task's JSONL must hold
+# prompts, and the page's feedback is checked as /v1/feedback's is.
 REFUSED_FOR_MEANING = ["2xx", "400", "401", "403", "404", "409", "429"]
 CONFIG = SchemathesisConfig.from_dict(
     {
@@ -85,7 +86,10 @@ CONFIG = SchemathesisConfig.from_dict(
                 "include-path": path,
                 "checks": {"positive_data_acceptance": {"expected-statuses": REFUSED_FOR_MEANING}},
             }
-            for path in ("/v1/chat/completions", "/v1/feedback", "/v1/documents")
+            for path in (
+                *("/v1/chat/completions", "/v1/feedback", "/v1/documents"),
+                *("/v1/labeling/tasks", "/v1/labeling/feedback"),
+            )
         ],
     }
 )

@@ -120,15 +120,15 @@ def test_documents_are_listed_with_what_each_key_may_delete(tmp_path: Path) -> N
             if alice.get(f"/v1/documents/jobs/{job.json()['id']}").json()["state"] != "running":
                 break
             time.sleep(0.02)
-        mine = {d["source"]: d for d in alice.get("/v1/documents").json()["data"]}
+        mine = {d["source"]: d for d in alice.get("/v1/index/documents").json()["data"]}
         assert mine["mine.md"]["uploaded"] and mine["mine.md"]["deletable"]
         assert not mine["guide/install.md"]["deletable"]
-        everything = root.get("/v1/documents").json()["data"]
+        everything = root.get("/v1/index/documents").json()["data"]
         assert all(d["deletable"] for d in everything)
-        stats = alice.get("/v1/documents/stats").json()
+        stats = alice.get("/v1/index/stats").json()
         assert stats["documents"] == 3 and stats["path"] == "index"
         assert stats["uploads"] and not stats["folders"] and "document_roots" not in stats
-        admin_stats = root.get("/v1/documents/stats").json()
+        admin_stats = root.get("/v1/index/stats").json()
         assert admin_stats["folders"] and admin_stats["document_roots"] == [str(running.docs)]
     finally:
         running.stop()

@@ -6,6 +6,7 @@ Test modules import the fixtures: ``from web_support import browser, page, serve
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import socket
 import threading
@@ -179,18 +180,6 @@ def start(tmp: Path, *, api_keys: tuple[str, ...] = (), delay_s: float = 0.05) -
         settings=settings,
         sandbox=FakeSandbox(),  # type: ignore[arg-type]
     )
-    if not any(getattr(r, "path", None) == "/" for r in app.routes):  # TEMPORARY until wired
-        from agentkit.agents import AgentContext
-        from agentkit.services import api
-        from agentkit.services.web import web_router
-
-        api.PAGE_CSP["/"] = (
-            "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
-        )
-        context = AgentContext(model, settings, index=index, sandbox=FakeSandbox())
-        app.include_router(
-            web_router(context, config=config, feedback=feedback, conversations=conversations)
-        )
     url, server, thread = serve_app(app)
     return Served(
         url, model, feedback, conversations, index, tmp / "uploads", tmp / "more", app, server,
@@ -209,22 +198,36 @@ def chromium_path() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+_CHROMIUM: dict[str, Any] = {}  # one Chromium for the whole run, whichever module asks first
+
+
+def _close_chromium() -> None:
+    if "browser" in _CHROMIUM:
+        _CHROMIUM.pop("browser").close()
+        _CHROMIUM.pop("playwright").stop()
+
+
 @pytest.fixture(scope="session")
-def browser() -> Iterator[Any]:
-    """Debian's Chromium under Playwright; the test skips when either is missing."""
-    path = chromium_path()
-    if path is None:
-        pytest.skip(
-            "no Chromium found: install Debian's chromium package (scripts/setup.sh does, as root)"
-        )
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("Playwright is not installed: pip install -e '.[dev]'")
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=path)
-        yield launched
-        launched.close()
+def browser() -> Any:
+    """Debian's Chromium under Playwright; the test skips when either is missing. Started once:
+    each test module imports this fixture, and Playwright's sync API runs one instance a thread.
+    """
+    if "browser" not in _CHROMIUM:
+        path = chromium_path()
+        if path is None:
+            pytest.skip(
+                "no Chromium found: install Debian's chromium package "
+                "(scripts/setup.sh does, as root)"
+            )
+        try:
+            from playwright.sync_api import sync_playwright
+        except ImportError:
+            pytest.skip("Playwright is not installed: pip install -e '.[dev]'")
+        playwright = sync_playwright().start()
+        _CHROMIUM["playwright"] = playwright
+        _CHROMIUM["browser"] = playwright.chromium.launch(executable_path=path)
+        atexit.register(_close_chromium)
+    return _CHROMIUM["browser"]
 
 
 class PageLog:

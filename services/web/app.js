@@ -82,6 +82,7 @@ async function start() {
   for (const tab of document.querySelectorAll("[role=tab]")) {
     tab.addEventListener("click", () => show(tab.dataset.view));
   }
+  window.addEventListener("hashchange", () => show(location.hash.slice(1)));
   show(location.hash.slice(1));
   document.body.dataset.ready = "true";
 }

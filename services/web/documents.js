@@ -56,7 +56,7 @@ function say(text) {
 
 async function refresh() {
   try {
-    const stats = await json("/v1/documents/stats");
+    const stats = await json("/v1/index/stats");
     ui.stats.textContent = `${stats.documents} documents, ${stats.chunks} chunks · embeddings: ${stats.embedding?.model ?? "?"}`;
     ui.stats.dataset.documents = stats.documents;
     if (!stats.uploads) say("Uploads are not enabled on this server (AGENTKIT_API_UPLOAD_DIR).");
@@ -66,7 +66,7 @@ async function refresh() {
     return;
   }
   try {
-    const documents = (await json("/v1/documents")).data;
+    const documents = (await json("/v1/index/documents")).data;
     clear(ui.table, documents.length ? null : h("tr", h("td.muted", { colSpan: 5 }, "The index is empty.")));
     for (const doc of documents) {
       const remove = doc.deletable ? h("button.delete", { type: "button", "aria-label": `Delete ${doc.source}`, on: { click: () => removeDocument(doc) } }, "Delete") : null;

@@ -26,7 +26,7 @@ export function mountLabeling(root, { models, labelerName }) {
       "div.label-layout",
       h(
         "div.label-side",
-        h("section.panel", h("h2", "Labeling tasks"), h("table.tasks", h("thead", h("tr", ["Task", "Agent", "Prompts", "Rankings", ""].map((t) => h("th", t)))), ui.tasks), ui.message),
+        h("section.panel", h("h2", "Labeling tasks"), h("table.tasks", h("thead", h("tr", ["Task", "Prompts", "Rankings"].map((t) => h("th", t)))), ui.tasks), ui.message),
         newTaskForm(models),
         exportForm(),
       ),
@@ -49,7 +49,7 @@ async function refresh() {
     ui.message.textContent = error.status === 404 ? "Labeling needs the feedback store, which this server does not keep." : error.message;
     return;
   }
-  clear(ui.tasks, tasks.length ? null : h("tr", h("td.muted", { colSpan: 5 }, "No tasks yet: create one from a JSONL file of prompts.")));
+  clear(ui.tasks, tasks.length ? null : h("tr", h("td.muted", { colSpan: 3 }, "No tasks yet: create one from a JSONL file of prompts.")));
   for (const task of tasks) {
     const prompts = [`${task.ready} ready`, task.pending ? `${task.pending} sampling` : null, task.failed ? `${task.failed} failed` : null].filter(Boolean).join(", ");
     const failures = task.failures.map((f) => `prompt ${f.prompt}: ${f.error}`).join("\n");
@@ -57,16 +57,19 @@ async function refresh() {
       h(
         "tr",
         { dataset: { task: task.id } },
-        h("td", h("strong", task.name), h("div.muted", `N=${task.n}, ${task.labelers_per_prompt} labeler(s) per prompt`)),
-        h("td", task.agent),
+        h(
+          "td",
+          h("strong", task.name),
+          h("div.muted", `${task.agent} · N=${task.n} · ${task.labelers_per_prompt} labeler(s) per prompt`),
+          h(
+            "div.actions",
+            h("button.primary", { type: "button", on: { click: () => open(task) } }, "Label"),
+            h("button", { type: "button", on: { click: () => showAgreement(task) } }, "Agreement"),
+            task.pending || task.failed ? h("button", { type: "button", title: "Sample the prompts still waiting or failed", on: { click: () => resume(task) } }, task.pending ? "Resume" : "Retry failed") : null,
+          ),
+        ),
         h("td", { title: failures }, prompts),
         h("td", `${task.rankings} / ${task.rankings_needed}`),
-        h(
-          "td.actions",
-          h("button.primary", { type: "button", on: { click: () => open(task) } }, "Label"),
-          h("button", { type: "button", on: { click: () => showAgreement(task) } }, "Agreement"),
-          task.pending || task.failed ? h("button", { type: "button", title: "Sample the prompts still waiting or failed", on: { click: () => resume(task) } }, task.pending ? "Resume" : "Retry failed") : null,
-        ),
       ),
     );
   }
@@ -247,7 +250,8 @@ function drawRanking() {
     const id = Number(card.dataset.id);
     const rank = rankOf.get(id);
     card.classList.toggle("placed", rank !== undefined);
-    card.querySelector(".rank-badge").textContent = rank === undefined ? "" : `${tied.has(id) || order.some((o) => tied.has(o) && rankOf.get(o) === rank) ? "tied " : ""}${ordinal(rank)}`;
+    const shared = order.filter((other) => rankOf.get(other) === rank).length > 1;
+    card.querySelector(".rank-badge").textContent = rank === undefined ? "" : `${shared ? "tied " : ""}${ordinal(rank)}`;
   });
 }
 
