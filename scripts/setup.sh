@@ -11,6 +11,11 @@ missing=()
 command -v bwrap >/dev/null || missing+=(bubblewrap)
 command -v setpriv >/dev/null || missing+=(util-linux)
 ldconfig -p 2>/dev/null | grep -q libseccomp.so.2 || missing+=(libseccomp2)
+# The web page's browser tests drive Debian's Chromium through Playwright (its own browser
+# download cannot run here); without it they skip, saying so.
+case ",$extras," in
+  *,dev,*) command -v chromium >/dev/null || missing+=(chromium) ;;
+esac
 if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
