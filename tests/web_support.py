@@ -11,7 +11,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,9 +146,16 @@ def serve_app(app: Any) -> tuple[str, uvicorn.Server, threading.Thread]:
     return f"http://127.0.0.1:{port}", server, thread
 
 
-def start(tmp: Path, *, api_keys: tuple[str, ...] = (), delay_s: float = 0.05) -> Served:
+def start(
+    tmp: Path,
+    *,
+    api_keys: tuple[str, ...] = (),
+    delay_s: float = 0.05,
+    wrap: Callable[[Any], Any] | None = None,
+) -> Served:
     """The API over a small index (one document carries hostile HTML) with uploads, a folder
-    root, feedback and conversations, served on 127.0.0.1."""
+    root, feedback and conversations, served on 127.0.0.1 (through ``wrap``, an ASGI middleware,
+    if given)."""
     docs = tmp / "docs"
     (docs / "guide").mkdir(parents=True)
     (docs / "guide" / "install.md").write_text(
@@ -180,7 +187,7 @@ def start(tmp: Path, *, api_keys: tuple[str, ...] = (), delay_s: float = 0.05) -
         settings=settings,
         sandbox=FakeSandbox(),  # type: ignore[arg-type]
     )
-    url, server, thread = serve_app(app)
+    url, server, thread = serve_app(wrap(app) if wrap else app)
     return Served(
         url, model, feedback, conversations, index, tmp / "uploads", tmp / "more", app, server,
         thread,
