@@ -113,6 +113,15 @@ def test_react_steps_appear_then_the_answer(served, page) -> None:
     assert answer.locator(".note.fallback").count() == 0
 
 
+def test_a_react_agent_that_falls_back_to_rag_says_so(served, page) -> None:
+    open_page(page, served.url)
+    ask(page, "stubborn: which module needs zlib?", agent="agentkit-react")
+    answer = last_answer(page)
+    assert answer.locator("li.step").count() >= 1
+    assert "RAG answered instead" in answer.locator(".note.fallback").inner_text()
+    assert "aardvark" in answer.locator(".body").inner_text()
+
+
 def test_hostile_documents_and_answers_render_as_inert_text(served, page) -> None:
     open_page(page, served.url)
     ask(page, "xss: what does the pangolin module render?")

@@ -58,7 +58,7 @@ def scripted_reply(messages: list[dict[str, str]], **options: Any) -> str:
     if "def solution():" in everything:  # PAL
         return PROGRAM
     if "exploring documents" in everything:  # ReAct, text mode
-        if "Observation" in last:
+        if "Observation" in last and "stubborn" not in everything:
             return "Thought: The guide says zlib.\nAction: finish[zlib]"
         return "Thought: I should look up the aardvark module.\nAction: search[aardvark]"
     return f"Echo: {last}"

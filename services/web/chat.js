@@ -195,7 +195,10 @@ function schedule(answer) {
   if (answer.frame) return;
   answer.frame = requestAnimationFrame(() => {
     answer.frame = 0;
+    const log = ui.log;
+    const following = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
     paint(answer);
+    if (following) log.scrollTop = log.scrollHeight; // keep up with the answer, unless scrolled away
     if (answer.text && !answer.painted) {
       answer.painted = true;
       performance.mark("agentkit:first-paint");
