@@ -148,7 +148,7 @@ def documents_router(index: Any, config: ApiConfig) -> APIRouter:
 
     @router.get("/documents", responses=errors(401, 404, 429))
     def list_documents(caller: Caller = AUTHORIZED) -> dict[str, Any]:
-        rows = need_index().store.db.execute(
+        rows = need_index().follow_disk().db.execute(  # what the last committed run left
             "SELECT source, title, format, n_chunks, indexed_at, root FROM documents "
             "ORDER BY indexed_at DESC, source"
         )
