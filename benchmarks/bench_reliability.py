@@ -175,6 +175,7 @@ class Ownerless:
 
     def __init__(self, store: Any) -> None:
         self.store = store
+        self.path = store.path  # the web page's labeling tables live beside the feedback
 
     def add_rating(self, *args: Any, owner: str | None = None, **kwargs: Any) -> int:
         return self.store.add_rating(*args, **kwargs)
@@ -209,6 +210,7 @@ def worker_serve(store_file: str, db: str, port: int) -> None:
 
     if store_file == "none":
         store: Any = NoStore()
+        store.path = db  # the labeling tables need a database, even when feedback goes nowhere
     else:
         store = load_store_module(store_file).FeedbackStore(db)
         if "owner" not in inspect.signature(store.add_rating).parameters:

@@ -240,7 +240,7 @@ class LabelingStore:
     """Tasks, their prompts and completions, and rankings, in the feedback database."""
 
     def __init__(self, feedback: FeedbackStore | Path | str) -> None:
-        path = feedback.path if isinstance(feedback, FeedbackStore) else Path(feedback)
+        path = Path(getattr(feedback, "path", feedback))  # a FeedbackStore, or any store with .path
         if not isinstance(feedback, FeedbackStore):
             FeedbackStore(path).close()  # the feedback table, as the feedback store makes it
         self.path = path
