@@ -321,6 +321,17 @@ def index_folder(
     """
     settings = settings or get_settings()
     index_path = Path(index_path or settings.index).expanduser()
+
+    def sync(index: Index) -> SyncSummary:
+        return indexer.sync_folder(
+            index.store,
+            index.embedder,
+            Path(folder),
+            index.chunking,
+            progress,
+            max_file_bytes=settings.max_file_bytes,
+        )
+
     with writer_lock(index_path):
         if full or not (index_path / SQLITE_FILE).exists():
             indexer.check_folder(Path(folder))  # fail before creating anything
@@ -328,14 +339,7 @@ def index_folder(
             shutil.rmtree(build, ignore_errors=True)
             try:
                 with Index.create(build, settings=settings, embedder=embedder) as index:
-                    summary = indexer.sync_folder(
-                        index.store,
-                        index.embedder,
-                        Path(folder),
-                        index.chunking,
-                        progress,
-                        max_file_bytes=settings.max_file_bytes,
-                    )
+                    summary = sync(index)
                 indexer.replace_directory(index_path, build)
             finally:
                 shutil.rmtree(build, ignore_errors=True)
@@ -344,11 +348,4 @@ def index_folder(
         with Index.open(index_path, settings=settings, embedder=embedder) as index:
             with damage_reported(index_path):
                 index.store.check_integrity()
-                return indexer.sync_folder(
-                    index.store,
-                    index.embedder,
-                    Path(folder),
-                    index.chunking,
-                    progress,
-                    max_file_bytes=settings.max_file_bytes,
-                )
+                return sync(index)

@@ -11,13 +11,12 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from agentkit.errors import AgentkitError
 from agentkit.llm import ChatModel, Message
-from agentkit.services.feedback import use_wal, when_free
+from agentkit.services.feedback import use_wal, when_free, write_transaction
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS messages (
@@ -64,17 +63,8 @@ class ConversationStore:
                 db.execute(OWNERS)
                 db.execute(ADOPT_UNOWNED)
 
-    @contextmanager
-    def _writing(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+    def _writing(self) -> AbstractContextManager[sqlite3.Connection]:
+        return write_transaction(self._db, self._lock)
 
     def _owner_row(self, conversation_id: str) -> tuple[str | None] | None:
         return self._db.execute(

@@ -65,6 +65,21 @@ def when_free(statement: Callable[[], object]) -> None:
         pause = min(2 * pause, BUSY_POLL_S[1])
 
 
+@contextmanager
+def write_transaction(db: sqlite3.Connection, lock: threading.Lock) -> Iterator[sqlite3.Connection]:
+    """One writer of this process at a time (``lock``) in ``BEGIN IMMEDIATE`` on ``db`` (other
+    processes waited for in short steps): COMMIT at the end, ROLLBACK on an error."""
+    with lock:
+        when_free(lambda: db.execute("BEGIN IMMEDIATE"))
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+
 def use_wal(db: sqlite3.Connection) -> None:
     """Switch the file to WAL. Run it under ``when_free``: SQLite does not always wait here for
     another process opening the same new file, it answers "database is locked" at once."""

@@ -26,9 +26,9 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,7 +55,14 @@ from agentkit.services.api import (
     errors,
     whole_number,
 )
-from agentkit.services.feedback import BUSY_TIMEOUT_MS, FeedbackStore, to_pairs, use_wal, when_free
+from agentkit.services.feedback import (
+    BUSY_TIMEOUT_MS,
+    FeedbackStore,
+    to_pairs,
+    use_wal,
+    when_free,
+    write_transaction,
+)
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS labeling_tasks (
@@ -254,17 +261,8 @@ class LabelingStore:
             for statement in SCHEMA:
                 db.execute(statement)
 
-    @contextmanager
-    def _writing(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            when_free(lambda: self._db.execute("BEGIN IMMEDIATE"))
-            try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+    def _writing(self) -> AbstractContextManager[sqlite3.Connection]:
+        return write_transaction(self._db, self._lock)
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
