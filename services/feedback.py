@@ -26,7 +26,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,10 +66,13 @@ def when_free(statement: Callable[[], object]) -> None:
 
 
 @contextmanager
-def write_transaction(db: sqlite3.Connection, lock: threading.Lock) -> Iterator[sqlite3.Connection]:
-    """One writer of this process at a time (``lock``) in ``BEGIN IMMEDIATE`` on ``db`` (other
-    processes waited for in short steps): COMMIT at the end, ROLLBACK on an error."""
-    with lock:
+def write_transaction(
+    db: sqlite3.Connection, lock: threading.Lock | None = None
+) -> Iterator[sqlite3.Connection]:
+    """One writer of this process at a time (``lock``, unless the caller holds one already) in
+    ``BEGIN IMMEDIATE`` on ``db`` (other processes waited for in short steps): COMMIT at the
+    end, ROLLBACK on an error."""
+    with lock or nullcontext():
         when_free(lambda: db.execute("BEGIN IMMEDIATE"))
         try:
             yield db
@@ -134,18 +137,9 @@ class FeedbackStore:
             db.execute("ALTER TABLE feedback ADD COLUMN owner TEXT")
         db.execute(OWNER_INDEX)
 
-    @contextmanager
-    def _writing(self) -> Iterator[sqlite3.Connection]:
+    def _writing(self) -> AbstractContextManager[sqlite3.Connection]:
         """One write transaction on the writer connection; the caller holds the writer lock."""
-        db = self._writer
-        when_free(lambda: db.execute("BEGIN IMMEDIATE"))
-        try:
-            yield db
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+        return write_transaction(self._writer)
 
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
