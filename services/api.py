@@ -28,6 +28,7 @@ import time
 import unicodedata
 import uuid
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -327,6 +328,30 @@ def parse_api_keys(entries: Iterable[str | ApiKey]) -> tuple[ApiKey, ...]:
     if len({k.key for k in keys}) != len(keys):
         raise ConfigError("AGENTKIT_API_KEYS lists the same key twice; give each name its own key")
     return tuple(keys)
+
+
+class RateLimiter:
+    """At most ``per_minute`` requests per key in any sliding minute (0: no limit). Each key
+    keeps the times of its last ``per_minute`` requests, so memory is bounded per key."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_minute, self.clock = per_minute, clock
+        self._recent: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, key: str) -> bool:
+        """Whether ``key`` may make a request now (and, if so, count it)."""
+        if not self.per_minute:
+            return True
+        now = self.clock()
+        with self._lock:
+            recent = self._recent.setdefault(key, deque())
+            while recent and now - recent[0] >= 60:
+                recent.popleft()
+            if len(recent) >= self.per_minute:
+                return False
+            recent.append(now)
+            return True
 
 
 async def current_caller(request: Request) -> Caller:
@@ -984,7 +1009,7 @@ def create_app(
     )
     app.state.model, app.state.index, app.state.metrics = model, index, metrics
     app.state.shutdown = stopping
-    buckets: dict[str, list[float]] = {}
+    limiter = RateLimiter(config.rate_limit_per_minute)
     box = sandbox or Sandbox()
     jobs: dict[str, dict[str, Any]] = {}
     upload_root = Path(config.upload_dir).resolve() if config.upload_dir else None
@@ -1029,12 +1054,8 @@ def create_app(
                 found = entry
         if found is None:
             raise HTTPException(401, "missing or invalid API key: send Authorization: Bearer KEY")
-        if config.rate_limit_per_minute:
-            now = time.monotonic()
-            recent = [t for t in buckets.get(found.name, []) if now - t < 60]
-            if len(recent) >= config.rate_limit_per_minute:
-                raise HTTPException(429, "rate limit reached for this API key; retry in a minute")
-            buckets[found.name] = [*recent, now]
+        if not limiter.allow(found.name):
+            raise HTTPException(429, "rate limit reached for this API key; retry in a minute")
         return Caller(found.name, found.role)
 
     app.state.authorize, app.state.protect_docs = authorize, protect_docs
