@@ -16,11 +16,15 @@ class Clock:
 def test_a_key_gets_its_limit_per_sliding_minute() -> None:
     clock = Clock()
     limiter = RateLimiter(3, clock)
-    assert [limiter.allow("a") for _ in range(4)] == [True, True, True, False]
-    clock.now += 59.9
+    allowed = []
+    for _ in range(3):
+        allowed.append(limiter.allow("a"))
+        clock.now += 10  # requests at 0, 10 and 20 s
+    assert allowed == [True, True, True] and not limiter.allow("a")  # at 30 s
+    clock.now = 1000.0 + 59.9
     assert not limiter.allow("a")  # the first request is not a minute old yet
-    clock.now += 0.1
-    assert limiter.allow("a") and not limiter.allow("a")  # one slot came free
+    clock.now = 1000.0 + 60
+    assert limiter.allow("a") and not limiter.allow("a")  # it was, and freed one slot
 
 
 def test_keys_are_counted_apart_and_refusals_do_not_count() -> None:
