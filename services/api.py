@@ -330,6 +330,48 @@ def parse_api_keys(entries: Iterable[str | ApiKey]) -> tuple[ApiKey, ...]:
     return tuple(keys)
 
 
+class JobRunner:
+    """Index jobs in the background, a thread each. A job's record (``id``, ``kind``, ``owner``,
+    ``state``: running, done or failed, ``summary`` or ``error``) is kept by id; ``report``
+    rewrites what a record shows (e.g. absolute paths made relative)."""
+
+    def __init__(self, report: Callable[[str], str] = str) -> None:
+        self.report = report
+        self._jobs: dict[str, dict[str, Any]] = {}
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def start(self, kind: str, owner: str | None, work: Callable[[], Any]) -> dict[str, Any]:
+        """Run ``work`` (returning a ``SyncSummary``) in a thread; the job's record as it starts."""
+        job_id = uuid.uuid4().hex[:16]
+        record = {"id": job_id, "kind": kind, "owner": owner, "state": "running",
+                  "summary": None, "error": None}  # fmt: skip
+        self._jobs[job_id] = record
+
+        def run() -> None:
+            try:
+                summary = work().to_dict()
+                summary["index"] = Path(summary["index"]).name
+                summary["warnings"] = [self.report(w) for w in summary["warnings"]]
+                record.update(state="done", summary=summary)
+            except Exception as error:  # the job reports it; the server stays up
+                record.update(state="failed", error=self.report(str(error)) or type(error).__name__)
+
+        thread = threading.Thread(target=run, name=f"index-{job_id}", daemon=True)
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
+        return dict(record)
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        record = self._jobs.get(job_id)
+        return dict(record) if record is not None else None
+
+    def running(self) -> list[threading.Thread]:
+        with self._lock:
+            return [t for t in self._threads if t.is_alive()]
+
+
 class RateLimiter:
     """At most ``per_minute`` requests per key in any sliding minute (0: no limit). Each key
     keeps the times of its last ``per_minute`` requests, so memory is bounded per key."""
@@ -986,7 +1028,6 @@ def create_app(
     protect_docs = bool(config.keys) if config.protect_docs is None else config.protect_docs
     # FastAPI's own /docs, /redoc and /openapi.json are replaced by routes below that can ask
     # for a key.
-    job_threads: list[threading.Thread] = []
     stopping = Shutdown(config.shutdown_grace_s)
     chat_slots = threading.BoundedSemaphore(CHAT_WORKERS)
 
@@ -996,7 +1037,7 @@ def create_app(
         if signals is not None:  # served by serve(): its signal handling replaces uvicorn's
             signals.take_over()
         yield
-        for thread in job_threads:  # let running jobs end, within the grace period if any
+        for thread in jobs.running():  # let running jobs end, within the grace period if any
             await asyncio.to_thread(thread.join, stopping.seconds_left(JOB_SHUTDOWN_WAIT_S))
 
     app = FastAPI(
@@ -1011,7 +1052,7 @@ def create_app(
     app.state.shutdown = stopping
     limiter = RateLimiter(config.rate_limit_per_minute)
     box = sandbox or Sandbox()
-    jobs: dict[str, dict[str, Any]] = {}
+    jobs = JobRunner(report=lambda text: relative(text))
     upload_root = Path(config.upload_dir).resolve() if config.upload_dir else None
     uploads: UploadOwners | None = None
     upload_lock = threading.Lock()  # upload checks and writes, and deletes of uploaded files
@@ -1222,32 +1263,6 @@ def create_app(
         lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
         return Response(lines, media_type="application/x-ndjson")
 
-    def start_job(kind: str, caller: Caller, work: Any) -> dict[str, Any]:
-        job_id = uuid.uuid4().hex[:16]
-        jobs[job_id] = {
-            "id": job_id,
-            "kind": kind,
-            "owner": caller.owner,
-            "state": "running",
-            "summary": None,
-            "error": None,
-        }
-
-        def run() -> None:
-            try:
-                summary = work().to_dict()  # the Index excludes searches while it writes
-                summary["index"] = Path(summary["index"]).name
-                summary["warnings"] = [relative(w) for w in summary["warnings"]]
-                jobs[job_id].update(state="done", summary=summary)
-            except Exception as error:  # the job reports it; the server stays up
-                message = relative(str(error)) or type(error).__name__
-                jobs[job_id].update(state="failed", error=message)
-
-        thread = threading.Thread(target=run, name=f"index-{job_id}", daemon=True)
-        job_threads[:] = [t for t in job_threads if t.is_alive()] + [thread]
-        thread.start()
-        return dict(jobs[job_id])
-
     def need_index() -> Index:
         if index is None:
             raise HTTPException(404, "no index is loaded: start the API with --index")
@@ -1269,7 +1284,7 @@ def create_app(
             )
         if not folder.is_dir():
             raise HTTPException(400, f"{body.folder} is not a folder")
-        return start_job("folder", caller, lambda: target.sync_folder(folder))
+        return jobs.start("folder", caller.owner, lambda: target.sync_folder(folder))
 
     @app.post(
         "/v1/documents",
@@ -1343,14 +1358,14 @@ def create_app(
                 write_upload(upload_root, name, raw)
                 uploads.set(name, caller.owner)
         docs = [doc for _, _, doc in loaded]
-        return start_job("upload", caller, lambda: target.add_documents(docs))
+        return jobs.start("upload", caller.owner, lambda: target.add_documents(docs))
 
     @app.get("/v1/documents/jobs/{job_id}", responses=errors(401, 404, 429))
     def job_status(job_id: str, caller: Caller = AUTHORIZED) -> dict[str, Any]:
         job = jobs.get(job_id)
         if job is None or not (caller.admin or job["owner"] == caller.owner):
             raise HTTPException(404, f"no job {job_id} for this API key")
-        return dict(job)
+        return job
 
     @app.delete("/v1/documents/{source:path}", responses=errors(401, 404, 409, 429))
     def delete_document(source: str, caller: Caller = AUTHORIZED) -> dict[str, Any]:
