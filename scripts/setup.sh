@@ -17,7 +17,8 @@ case ",$extras," in
   *,dev,*) command -v chromium >/dev/null || missing+=(chromium) ;;
 esac
 if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; } \
+    || echo "warning: could not install ${missing[*]}; the tests that need them say so" >&2
 fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 stamp=".venv/.agentkit-installed-$extras"
