@@ -133,9 +133,11 @@ def worker_command(layers: Layers, uid: int) -> list[str]:
     inner = [
         "bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
         "--new-session", "--uid", str(uid), "--gid", str(uid), "--cap-drop", "ALL",
-        "--hostname", "sandbox", *_tree_args(views, from_host=os.geteuid() != 0),
-        "--proc", "/proc", "--dev", "/dev", "--size", str(TMP_BYTES), "--tmpfs", "/tmp",
-        "--chdir", "/tmp", "--clearenv",
+        "--hostname", "sandbox",
+        # /tmp first: a view below it (a checkout in /tmp) is then bound onto the tmpfs, not
+        # hidden under it
+        "--size", str(TMP_BYTES), "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev",
+        *_tree_args(views, from_host=os.geteuid() != 0), "--chdir", "/tmp", "--clearenv",
     ]  # fmt: skip
     for name, value in ENV.items():
         inner += ["--setenv", name, value]
@@ -143,8 +145,8 @@ def worker_command(layers: Layers, uid: int) -> list[str]:
     if os.geteuid() != 0:
         return inner
     outer = [
-        "bwrap", "--die-with-parent", *_tree_args(views, from_host=True),
-        "--bind", "/proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+        "bwrap", "--die-with-parent", "--tmpfs", "/tmp", "--bind", "/proc", "/proc",
+        "--dev", "/dev", *_tree_args(views, from_host=True),
     ]  # fmt: skip
     drop = [
         "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
