@@ -316,3 +316,14 @@ def test_without_bubblewrap_it_refuses_unless_weak_mode_is_chosen(monkeypatch) -
         result = weak.run("def solution():\n    return 1")
     assert result.value == 1
     assert "weak: without namespaces" in result.isolation
+
+
+def test_views_below_tmp_are_bound_after_the_private_tmp_is_mounted(monkeypatch) -> None:
+    # a checkout under /tmp: its site-packages must not vanish under the sandbox's own /tmp
+    monkeypatch.setattr(sandbox_launch, "site_dirs", lambda: ["/tmp/checkout/site-packages"])
+    command = sandbox_launch.worker_command(sandbox_launch.Layers(), 65534)
+    stages = [i for i, arg in enumerate(command) if arg == "bwrap"]
+    for start, end in zip(stages, [*stages[1:], len(command)]):
+        stage = command[start:end]
+        view = stage.index("/tmp/checkout/site-packages")
+        assert stage.index("--tmpfs") < view, stage
