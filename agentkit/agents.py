@@ -193,7 +193,7 @@ def run_pal(context: AgentContext, request: AgentRequest) -> AgentResult:
 def run_react(context: AgentContext, request: AgentRequest) -> AgentResult:
     from agentkit.react import ReAct
 
-    trajectory = ReAct(context.model, index=context.index).run(request.question)
+    trajectory = ReAct(context.model, index=context.index).run(request.question, request.cancel)
     return AgentResult([trajectory.answer], {"react": trajectory.to_dict()}, trajectory.usage,
                        trajectory)  # fmt: skip
 
@@ -201,7 +201,8 @@ def run_react(context: AgentContext, request: AgentRequest) -> AgentResult:
 def stream_react(context: AgentContext, request: AgentRequest) -> Iterator[AgentEvent]:
     from agentkit.react import ReAct, Step
 
-    for item in ReAct(context.model, index=context.index).steps(request.question):
+    agent = ReAct(context.model, index=context.index)
+    for item in agent.steps(request.question, request.cancel):
         if isinstance(item, Step):
             yield AgentEvent(data={"step": item.to_dict()})
         else:  # the trajectory: its steps went out one by one, the rest (fallback, ...) now

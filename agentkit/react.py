@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class Trajectory:
     answer: str = ""
     finished: bool = False  # finish[...] was called
     fallback: bool = False  # the step limit was hit and RAG answered
+    cancelled: bool = False  # stopped by its cancel event (the client went away)
     usage: Usage = field(default_factory=Usage)
     seconds: float = 0.0
 
@@ -79,6 +81,7 @@ class Trajectory:
             "answer": self.answer,
             "finished": self.finished,
             "fallback": self.fallback,
+            "cancelled": self.cancelled,
             "parse_failures": self.parse_failures,
             "tool_errors": self.tool_errors,
             "seconds": self.seconds,
@@ -187,8 +190,11 @@ class ReAct:
             registry.register(t)
         return registry
 
-    def steps(self, question: str) -> Iterator[Step | Trajectory]:
-        """Yields each Step as it happens, then the Trajectory.
+    def steps(
+        self, question: str, cancel: threading.Event | None = None
+    ) -> Iterator[Step | Trajectory]:
+        """Yields each Step as it happens, then the Trajectory. Setting ``cancel`` (the client
+        went away) stops before the next step, with no fallback: ``cancelled`` says so.
 
         The one loop of every mode: the mode's producer only drafts the next step (and records
         the observation in its messages); running tools, repeats, the re-draw of a stuck agent,
@@ -202,6 +208,9 @@ class ReAct:
         previous: tuple[str, str] | None = None
         repeats = 0
         for _ in range(self.max_steps):
+            if cancel is not None and cancel.is_set():
+                result.cancelled = True
+                break
             t0 = time.perf_counter()
             # greedy decoding repeats itself: after a repeat, sample. A sampled step can run past
             # max_tokens before its action (the regex cannot bound it: xgrammar times out on
@@ -230,7 +239,7 @@ class ReAct:
             if repeats >= 3:  # stuck: more steps will not help, the fallback might
                 break
             producer.observe(draft, step.observation)
-        if not result.finished:
+        if not result.finished and not result.cancelled:
             result.fallback, result.answer = True, self._fallback(question)
         result.seconds = time.perf_counter() - started
         yield result
@@ -263,8 +272,8 @@ class ReAct:
 
         return RAG(self.index, self.model, max_tokens=80).ask(question).text
 
-    def run(self, question: str) -> Trajectory:
-        for item in self.steps(question):
+    def run(self, question: str, cancel: threading.Event | None = None) -> Trajectory:
+        for item in self.steps(question, cancel):
             if isinstance(item, Trajectory):
                 return item
         raise AssertionError("unreachable")

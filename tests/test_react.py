@@ -287,3 +287,15 @@ def test_tools_mode_gets_the_same_protection_against_a_stuck_agent(index: Index)
     assert result.steps[1].observation.startswith("You just did search[Andrews (surname)]")
     temperatures = [c.kwargs["temperature"] for c in model.calls[:4]]
     assert temperatures == [0.0, 0.0, 0.7, 0.7]
+
+
+def test_a_cancelled_run_stops_before_its_next_step_without_a_fallback(index: Index) -> None:
+    import threading
+
+    cancel = threading.Event()
+    model = ScriptedChatModel(["Thought: t\nAction: search[Andrews (surname)]"] * 5)
+    agent = ReAct(model, index=index, structured=False, on_step=lambda step: cancel.set())
+    result = agent.run("q", cancel)
+    assert len(result.steps) == 1 and result.cancelled and not result.fallback
+    assert len(model.calls) == 1  # neither another step nor the RAG fallback asked the model
+    assert result.to_dict()["cancelled"] is True
