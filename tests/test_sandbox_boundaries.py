@@ -327,3 +327,16 @@ def test_views_below_tmp_are_bound_after_the_private_tmp_is_mounted(monkeypatch)
         stage = command[start:end]
         view = stage.index("/tmp/checkout/site-packages")
         assert stage.index("--tmpfs") < view, stage
+
+
+def test_a_worker_that_died_while_idle_is_replaced_without_leaking_its_pipes() -> None:
+    import signal
+
+    with Sandbox(workers=1) as box:
+        box.start()
+        open_fds = len(os.listdir("/proc/self/fd"))
+        (pid,) = box.worker_pids()
+        os.killpg(pid, signal.SIGKILL)
+        assert box.run("def solution():\n    return 3").value == 3
+        assert box.worker_pids() != [pid]
+        assert len(os.listdir("/proc/self/fd")) == open_fds  # the new worker's pipes only

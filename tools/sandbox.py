@@ -264,14 +264,11 @@ class Sandbox:
         if missing and not self.allow_weak:
             raise SandboxError(
                 "the sandbox cannot confine programs here: "
-                + "; ".join(missing)
+                + "; ".join(why for _, why in missing)
                 + ". Install what is missing, or set AGENTKIT_SANDBOX_ALLOW_WEAK=1 to run "
                 "untrusted code with fewer layers (each result then says which)"
             )
-        if any("bubblewrap" in m or "setpriv" in m for m in missing):
-            self.layers = replace(self.layers, namespaces=False)
-        if any("seccomp" in m for m in missing):
-            self.layers = replace(self.layers, seccomp=False)
+        self.layers = replace(self.layers, **{layer: False for layer, _ in missing})
         self._checked = True
 
     def _take(self) -> _Worker:
@@ -279,7 +276,10 @@ class Sandbox:
             if not self._checked:
                 self._check_layers()
             worker = self._idle.pop() if self._idle else None
-        if worker is None or not worker.alive():
+        if worker is not None and not worker.alive():
+            worker.kill()  # died while idle: reap it and close its pipes before replacing it
+            worker = None
+        if worker is None:
             worker = _Worker(self.layers, self.uid)
             if self.layers.landlock and not worker.landlock_abi and not self.allow_weak:
                 worker.kill()

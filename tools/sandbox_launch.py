@@ -47,13 +47,18 @@ class Layers:
     landlock: bool = True
 
 
-def missing_tools(layers: Layers) -> list[str]:
-    """What this machine lacks for ``layers``, each with how to get it."""
+def missing_tools(layers: Layers) -> list[tuple[str, str]]:
+    """What this machine lacks for ``layers``: (the ``Layers`` field it takes away, what is
+    missing and how to get it)."""
     missing = []
     if layers.namespaces and shutil.which("bwrap") is None:
-        missing.append("bubblewrap is not installed (Debian/Ubuntu: apt install bubblewrap)")
+        missing.append(
+            ("namespaces", "bubblewrap is not installed (Debian/Ubuntu: apt install bubblewrap)")
+        )
     if layers.namespaces and os.geteuid() == 0 and shutil.which("setpriv") is None:
-        missing.append("setpriv is not installed (Debian/Ubuntu: apt install util-linux)")
+        missing.append(
+            ("namespaces", "setpriv is not installed (Debian/Ubuntu: apt install util-linux)")
+        )
     if layers.seccomp:
         try:
             from agentkit.tools.sandbox_policy import seccomp_bpf
@@ -61,8 +66,11 @@ def missing_tools(layers: Layers) -> list[str]:
             seccomp_bpf(layers.landlock)
         except Exception as error:  # ImportError, OSError from libseccomp
             missing.append(
-                f"seccomp is unavailable ({error}; pip install pyseccomp, and "
-                "Debian/Ubuntu: apt install libseccomp2)"
+                (
+                    "seccomp",
+                    f"seccomp is unavailable ({error}; pip install pyseccomp, and "
+                    "Debian/Ubuntu: apt install libseccomp2)",
+                )
             )
     return missing
 
