@@ -337,6 +337,9 @@ def test_a_worker_that_died_while_idle_is_replaced_without_leaking_its_pipes() -
         open_fds = len(os.listdir("/proc/self/fd"))
         (pid,) = box.worker_pids()
         os.killpg(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while running({pid}) and time.monotonic() < deadline:  # until it is dead (a zombie)
+            time.sleep(0.01)
         assert box.run("def solution():\n    return 3").value == 3
         assert box.worker_pids() != [pid]
         assert len(os.listdir("/proc/self/fd")) == open_fds  # the new worker's pipes only
