@@ -17,6 +17,7 @@ import shutil
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -217,6 +218,15 @@ def write_atomically(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _close_for(store: weakref.ref[IndexStore], db: sqlite3.Connection) -> None:
+    """A thread that used ``db`` has ended: close it (and forget it, if its store is open)."""
+    owner = store()
+    if owner is not None:
+        owner._forget(db)
+    else:
+        db.close()
+
+
 class IndexStore:
     """SQLite connection and in-memory FAISS index of one index folder."""
 
@@ -228,7 +238,7 @@ class IndexStore:
         # one connection per thread: WAL readers run in parallel (a shared connection would
         # serialise them on its mutex); a writer stays on its thread's connection
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: set[sqlite3.Connection] = set()
         self._connections_lock = threading.Lock()
         if not new:
             check_sqlite_file(path)
@@ -258,8 +268,15 @@ class IndexStore:
             db.execute("PRAGMA synchronous=NORMAL")
             self._local.db, self._local.vocab_ready = db, False
             with self._connections_lock:
-                self._connections.append(db)
+                self._connections.add(db)
+            # a thread per request (the API's chat) must not leave a connection each behind
+            weakref.finalize(threading.current_thread(), _close_for, weakref.ref(self), db)
         return db
+
+    def _forget(self, db: sqlite3.Connection) -> None:
+        with self._connections_lock:
+            self._connections.discard(db)
+        db.close()
 
     def _check_tables(self) -> None:
         """IndexCorruptError when tables or the generation are missing, or the manifest is ahead
@@ -501,6 +518,6 @@ class IndexStore:
 
     def close(self) -> None:
         with self._connections_lock:
-            connections, self._connections = self._connections, []
+            connections, self._connections = self._connections, set()
         for db in connections:
             db.close()

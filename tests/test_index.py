@@ -377,3 +377,21 @@ def test_a_write_in_this_process_has_the_index_to_itself(
             events.append("write done")
         searcher.join()
     assert events == ["write done", "search 1"]
+
+
+def test_threads_that_searched_and_ended_leave_no_connection_behind(
+    docs: Path, settings: Settings, embedder: HashingEmbedder
+) -> None:
+    import threading
+
+    build(docs, settings, embedder)
+    with Index.open(settings.index, settings=settings, embedder=embedder) as index:
+        # bm25 alone runs on the calling thread (hybrid also uses the long-lived search pool)
+        index.search("zlib", k=1, mode="bm25")  # this thread's connection stays
+        before = len(index.store._connections)
+        for _ in range(20):  # a thread per request, as the API's chat does
+            thread = threading.Thread(target=lambda: index.search("zlib", k=1, mode="bm25"))
+            thread.start()
+            thread.join()
+            del thread
+        assert len(index.store._connections) == before
