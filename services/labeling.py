@@ -30,9 +30,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter
+from fastapi import Path as PathParameter
 from fastapi.responses import Response
 from pydantic import Field, field_validator
 from starlette.exceptions import HTTPException
@@ -84,6 +85,9 @@ MAX_PROMPTS = 10_000
 MAX_PROMPT_CHARS = 100_000
 LEASE_S = 600.0  # a prompt handed to a labeler is kept from others this long (unless needed)
 SAMPLING_THREADS = 4  # prompts of one task sampled at once
+
+# An id in a path is a SQLite rowid: a larger number is a 400 (validation), never an overflow.
+RowId = Annotated[int, PathParameter(ge=1, le=2**63 - 1)]
 
 
 class LabelingError(AgentkitError):
@@ -828,7 +832,7 @@ def labeling_router(store: LabelingStore, context: AgentContext) -> APIRouter:
         return served(lambda: store.agreement(task_id))
 
     @router.post("/items/{item_id}/rankings", responses=errors(400, 401, 404, 409, 413, 429))
-    def rank(item_id: int, body: RankingRequest, caller: Caller = AUTHORIZED) -> dict[str, Any]:
+    def rank(item_id: RowId, body: RankingRequest, caller: Caller = AUTHORIZED) -> dict[str, Any]:
         """A labeler's ranking of a prompt's completions by id, best first; 409 (nothing
         stored) when the prompt was completed by others or this labeler ranked it already."""
         return served(
@@ -867,7 +871,7 @@ def labeling_router(store: LabelingStore, context: AgentContext) -> APIRouter:
 
     @router.patch("/feedback/{feedback_id}", responses=errors(400, 401, 404, 413, 429))
     def change_feedback(
-        feedback_id: int, body: FeedbackChange, caller: Caller = AUTHORIZED
+        feedback_id: RowId, body: FeedbackChange, caller: Caller = AUTHORIZED
     ) -> dict[str, Any]:
         """Turn a thumb over or add a comment to a rating this key gave."""
         served(

@@ -328,3 +328,11 @@ def test_the_cli_adds_a_task_from_a_jsonl_file(tmp_path: Path, monkeypatch) -> N
     assert result.exit_code == 1 and "line 2: not JSON" in result.output
     listed = CliRunner().invoke(app, ["feedback", "tasks", "list", "--json"])
     assert len(json.loads(listed.output)) == 1  # nothing stored for the bad file
+
+
+def test_ids_too_large_for_sqlite_are_a_400_not_a_server_error(served) -> None:
+    api = httpx.Client(base_url=served.url, timeout=10)
+    too_large = 2**63
+    ranked = api.post(f"/v1/labeling/items/{too_large}/rankings", json={"ranking": [0, 0]})
+    changed = api.patch(f"/v1/labeling/feedback/{too_large}", json={})
+    assert (ranked.status_code, changed.status_code) == (400, 400), (ranked.text, changed.text)
