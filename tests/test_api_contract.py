@@ -97,7 +97,9 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", build_app(), config=CON
 
 
 @schema.parametrize()
-@settings(deadline=timedelta(seconds=10))  # per request; the slowest (a 5 MB body) takes ~0.3 s
+# per request, the slowest (a 5 MB body) takes ~0.3 s; derandomized: CI runs the same cases each
+# time (a random run found the id overflow pinned in test_labeling.py)
+@settings(deadline=timedelta(seconds=10), derandomize=True)
 def test_the_server_does_what_its_schema_says(case) -> None:
     case.call_and_validate()
 
