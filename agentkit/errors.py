@@ -15,6 +15,10 @@ class InvalidPathError(AgentkitError):
     """A path given by the user does not exist or is not the kind of path expected."""
 
 
+class OutsideRootsError(InvalidPathError):
+    """A folder outside the folders a server was told it may index."""
+
+
 class IndexNotFoundError(AgentkitError):
     """No index exists at the given path."""
 
@@ -61,3 +65,7 @@ class SandboxError(AgentkitError):
 
 class ToolError(AgentkitError):
     """A tool is misdefined or was called with invalid arguments."""
+
+
+class GuardError(AgentkitError):
+    """A guard, judge or reward model failed or gave an answer that does not parse."""

@@ -47,15 +47,7 @@ from agentkit.agents import (
     run_agent,
 )
 from agentkit.errors import AgentkitError
-from agentkit.services.api import (
-    AUTHORIZED,
-    Caller,
-    RankingFeedback,
-    RatingFeedback,
-    StrictModel,
-    errors,
-    whole_number,
-)
+from agentkit.services.auth import AUTHORIZED, Caller
 from agentkit.services.feedback import (
     BUSY_TIMEOUT_MS,
     FeedbackStore,
@@ -63,6 +55,13 @@ from agentkit.services.feedback import (
     use_wal,
     when_free,
     write_transaction,
+)
+from agentkit.services.schemas import (
+    RankingFeedback,
+    RatingFeedback,
+    StrictModel,
+    errors,
+    whole_number,
 )
 
 SCHEMA = [

@@ -24,10 +24,12 @@ from fastapi.responses import HTMLResponse, Response
 from starlette.exceptions import HTTPException
 
 from agentkit.agents import AgentContext
-from agentkit.services.api import AUTHORIZED, ApiConfig, Caller, errors
+from agentkit.services.api_state import ApiConfig
+from agentkit.services.auth import AUTHORIZED, Caller
 from agentkit.services.conversations import ConversationNotFound, ConversationStore
 from agentkit.services.feedback import FeedbackStore
 from agentkit.services.labeling import LabelingStore, labeling_router
+from agentkit.services.schemas import errors
 
 ASSETS = Path(__file__).parent / "web"
 MEDIA_TYPES = {

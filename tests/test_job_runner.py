@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from agentkit.services.api import JobRunner
+from agentkit.services.jobs import JobRunner
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agentkit.services.api import RateLimiter
+from agentkit.services.ratelimit import RateLimiter
 
 
 class Clock:

@@ -1,0 +1,51 @@
+"""Document jobs (indexing a folder, adding uploads) run in the background, one thread each."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+class JobRunner:
+    """Index jobs in the background, a thread each. A job's record (``id``, ``kind``, ``owner``,
+    ``state``: running, done or failed, ``summary`` or ``error``) is kept by id; ``report``
+    rewrites what a record shows (e.g. absolute paths made relative)."""
+
+    def __init__(self, report: Callable[[str], str] = str) -> None:
+        self.report = report
+        self._jobs: dict[str, dict[str, Any]] = {}
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def start(self, kind: str, owner: str | None, work: Callable[[], Any]) -> dict[str, Any]:
+        """Run ``work`` (returning a ``SyncSummary``) in a thread; the job's record as it starts."""
+        job_id = uuid.uuid4().hex[:16]
+        record = {"id": job_id, "kind": kind, "owner": owner, "state": "running",
+                  "summary": None, "error": None}  # fmt: skip
+        self._jobs[job_id] = record
+
+        def run() -> None:
+            try:
+                summary = work().to_dict()
+                summary["index"] = Path(summary["index"]).name
+                summary["warnings"] = [self.report(w) for w in summary["warnings"]]
+                record.update(state="done", summary=summary)
+            except Exception as error:  # the job reports it; the server stays up
+                record.update(state="failed", error=self.report(str(error)) or type(error).__name__)
+
+        thread = threading.Thread(target=run, name=f"index-{job_id}", daemon=True)
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
+        return dict(record)
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        record = self._jobs.get(job_id)
+        return dict(record) if record is not None else None
+
+    def running(self) -> list[threading.Thread]:
+        with self._lock:
+            return [t for t in self._threads if t.is_alive()]

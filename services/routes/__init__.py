@@ -1,0 +1,1 @@
+"""The API's routes, a router per concern, each built over the app's ``ApiState``."""
