@@ -1,4 +1,5 @@
-"""Server-side conversation history (SQLite), bounded, owned, and trimmed to the token budget.
+"""Server-side conversation history, bounded, owned, and trimmed to the token budget; in a SQLite
+file or PostgreSQL (``services/storage.py``).
 
 A conversation belongs to the owner (the API key's name) of its first ``append``; anyone else
 gets ``ConversationNotFound``, exactly as for an id that does not exist. ``history()`` returns
@@ -8,26 +9,44 @@ conversation, so neither reading nor trimming grows with the conversation's leng
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 import time
-from contextlib import AbstractContextManager
 from pathlib import Path
 
 from agentkit.errors import AgentkitError
 from agentkit.llm import ChatModel, Message
-from agentkit.services.feedback import use_wal, when_free, write_transaction
+from agentkit.services.storage import (
+    Connection,
+    Database,
+    Migration,
+    migrate,
+    open_database,
+    statements,
+)
 
-SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY, conversation_id TEXT NOT NULL, role TEXT NOT NULL,
-    content TEXT NOT NULL, created REAL NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id)",
+MIGRATIONS = [
+    Migration(
+        1,
+        "messages",
+        statements(
+            """CREATE TABLE IF NOT EXISTS messages (
+    id {id}, conversation_id TEXT NOT NULL, role TEXT NOT NULL,
+    content TEXT NOT NULL, created {real} NOT NULL)""",
+            "CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id)",
+        ),
+    ),
+    Migration(
+        2,
+        "owners; conversations from before owners are kept, owned by nobody",
+        statements(
+            "CREATE TABLE IF NOT EXISTS conversations (id TEXT PRIMARY KEY, owner TEXT, "
+            "created {real} NOT NULL)",
+            # only owner=None callers reach the adopted ones
+            "INSERT INTO conversations (id, owner, created) SELECT conversation_id, NULL, "
+            "min(created) FROM messages WHERE true GROUP BY conversation_id "
+            "ON CONFLICT (id) DO NOTHING",
+        ),
+    ),
 ]
-OWNERS = "CREATE TABLE conversations (id TEXT PRIMARY KEY, owner TEXT, created REAL NOT NULL)"
-# Conversations from before owners: kept, owned by nobody (only owner=None callers reach them).
-ADOPT_UNOWNED = """INSERT OR IGNORE INTO conversations (id, owner, created)
-    SELECT conversation_id, NULL, min(created) FROM messages GROUP BY conversation_id"""
 
 
 class ConversationNotFound(AgentkitError):
@@ -43,7 +62,11 @@ class ConversationNotFound(AgentkitError):
 
 class ConversationStore:
     def __init__(
-        self, path: Path | str, *, max_messages: int = 64, keep_messages: int | None = None
+        self,
+        path: Database | Path | str,
+        *,
+        max_messages: int = 64,
+        keep_messages: int | None = None,
     ) -> None:
         """``max_messages``: the most ``history()`` returns; ``keep_messages`` (default 4×that):
         the most stored per conversation, older messages are deleted on ``append()``."""
@@ -51,30 +74,20 @@ class ConversationStore:
             raise ValueError("max_messages must be at least 1")
         self.max_messages = max_messages
         self.keep_messages = max(keep_messages or 4 * max_messages, max_messages)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        when_free(lambda: use_wal(self._db))
-        self._lock = threading.Lock()
-        with self._writing() as db:
-            for statement in SCHEMA:
-                db.execute(statement)
-            owned = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'conversations'")
-            if not owned.fetchone():
-                db.execute(OWNERS)
-                db.execute(ADOPT_UNOWNED)
+        self.database = open_database(path)
+        self._owns_database = self.database is not path
+        migrate(self.database, "conversations", MIGRATIONS)
 
-    def _writing(self) -> AbstractContextManager[sqlite3.Connection]:
-        return write_transaction(self._db, self._lock)
-
-    def _owner_row(self, conversation_id: str) -> tuple[str | None] | None:
-        return self._db.execute(
+    @staticmethod
+    def _owner_row(db: Connection, conversation_id: str) -> tuple[str | None] | None:
+        return db.execute(
             "SELECT owner FROM conversations WHERE id = ?", (conversation_id,)
         ).fetchone()
 
     def owner_of(self, conversation_id: str) -> str | None:
         """The conversation's owner; None if it does not exist (or predates owners)."""
-        with self._lock:
-            row = self._owner_row(conversation_id)
+        with self.database.read() as db:
+            row = self._owner_row(db, conversation_id)
         return row[0] if row else None
 
     def history(self, conversation_id: str, owner: str | None = None) -> list[Message]:
@@ -83,11 +96,11 @@ class ConversationStore:
         ``owner=None`` skips the ownership check (in-process callers, admins); another owner's
         conversation raises ``ConversationNotFound``.
         """
-        with self._lock:
-            row = self._owner_row(conversation_id)
+        with self.database.snapshot() as db:
+            row = self._owner_row(db, conversation_id)
             if row is not None and owner is not None and row[0] != owner:
                 raise ConversationNotFound(conversation_id)
-            rows = self._db.execute(
+            rows = db.execute(
                 "SELECT role, content FROM messages WHERE conversation_id = ? "
                 "ORDER BY id DESC LIMIT ?",
                 (conversation_id, self.max_messages),
@@ -103,12 +116,13 @@ class ConversationStore:
         Messages beyond the newest ``keep_messages`` of the conversation are deleted.
         """
         now = time.time()
-        with self._writing() as db:
+        with self.database.transaction() as db:
             db.execute(
-                "INSERT OR IGNORE INTO conversations (id, owner, created) VALUES (?, ?, ?)",
+                "INSERT INTO conversations (id, owner, created) VALUES (?, ?, ?) "
+                "ON CONFLICT (id) DO NOTHING",
                 (conversation_id, owner, now),
             )
-            row = self._owner_row(conversation_id)
+            row = self._owner_row(db, conversation_id)
             if owner is not None and row is not None and row[0] != owner:
                 raise ConversationNotFound(conversation_id)
             db.executemany(
@@ -126,12 +140,13 @@ class ConversationStore:
         """``owner``'s conversations (``None``: those no key owns), most recently used first:
         ``{id, title (the first user message, cut to 80 characters), messages, created,
         updated}``."""
-        with self._lock:
-            rows = self._db.execute(
+        with self.database.read() as db:
+            rows = db.execute(
                 "SELECT c.id, c.created, count(m.id), max(m.created), (SELECT content FROM "
                 "messages WHERE conversation_id = c.id AND role = 'user' ORDER BY id LIMIT 1) "
                 "FROM conversations c JOIN messages m ON m.conversation_id = c.id "
-                "WHERE c.owner IS ? GROUP BY c.id ORDER BY max(m.id) DESC LIMIT ?",
+                "WHERE c.owner IS NOT DISTINCT FROM ? "
+                "GROUP BY c.id ORDER BY max(m.id) DESC LIMIT ?",
                 (owner, limit),
             ).fetchall()
         return [
@@ -148,16 +163,17 @@ class ConversationStore:
     def delete(self, conversation_id: str, owner: str | None) -> None:
         """Delete the conversation and its messages; ``ConversationNotFound`` unless ``owner``
         owns it (``None``: a conversation no key owns)."""
-        with self._writing() as db:
-            row = self._owner_row(conversation_id)
+        with self.database.transaction() as db:
+            row = self._owner_row(db, conversation_id)
             if row is None or row[0] != owner:
                 raise ConversationNotFound(conversation_id)
             db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
             db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        """Close the database unless it was handed in."""
+        if self._owns_database:
+            self.database.close()
 
 
 def trim_to_budget(

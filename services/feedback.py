@@ -9,85 +9,66 @@ completion with a positive net rating with every one with a negative net rating,
 Every record carries its ``owner`` (the API key's name; NULL for records written before owners
 existed), and an export can be limited to one owner.
 
-SQLite in WAL mode. Writers in one process share one connection behind a lock and commit together
-(group commit), so they queue in memory instead of in SQLite's busy handler, whose sleeps grow to
-100 ms; only writers in other processes are waited for there, up to a busy timeout. Reads use
-pooled connections of their own, and an export is read in one transaction: a consistent
-snapshot, returned whole.
+The records live in a ``Database`` (``services/storage.py``): a SQLite file by default,
+PostgreSQL for several workers and replicas. Writers in one process commit together (group
+commit): the rows queued while one batch is written go in the next transaction, so on SQLite they
+queue in memory instead of in SQLite's busy handler, whose sleeps grow to 100 ms, and on
+PostgreSQL 64 writers cost a few commits, not 64. An export is read in one snapshot, returned
+whole.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import queue
-import sqlite3
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS feedback (
-    id INTEGER PRIMARY KEY, kind TEXT NOT NULL CHECK (kind IN ('rating', 'ranking')),
-    prompt TEXT NOT NULL, completion TEXT, rating INTEGER, ranking TEXT, ties TEXT,
-    comment TEXT, labeler TEXT NOT NULL, created REAL NOT NULL, owner TEXT)""",
-    "CREATE INDEX IF NOT EXISTS feedback_by_prompt ON feedback(prompt)",
+from agentkit.services.storage import (
+    BUSY_TIMEOUT_MS,
+    Database,
+    Migration,
+    add_column,
+    migrate,
+    open_database,
+    statements,
+    use_wal,
+    when_free,
+    write_transaction,
+)
+
+__all__ = [  # the SQLite helpers stay importable from here, where they were first
+    "BUSY_TIMEOUT_MS",
+    "FeedbackStore",
+    "to_pairs",
+    "use_wal",
+    "when_free",
+    "write_transaction",
 ]
-OWNER_INDEX = "CREATE INDEX IF NOT EXISTS feedback_by_owner ON feedback(owner, kind, id)"
-BUSY_TIMEOUT_MS = 30_000
-BUSY_POLL_S = (0.0001, 0.002)  # first and longest pause between tries for another process's lock
-POOLED_READERS = 4
 
-
-def when_free(statement: Callable[[], object]) -> None:
-    """Run ``statement``, retrying while another process holds the lock, up to the busy timeout.
-
-    SQLite's own busy handler sleeps up to 100 ms at a time, long after the lock is free; only
-    one thread per process waits here (the others queue on the writer lock), so polling every
-    2 ms at most costs nothing.
-    """
-    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
-    pause = BUSY_POLL_S[0]
-    while True:
-        try:
-            statement()
-            return
-        except sqlite3.OperationalError as error:
-            busy = "locked" in str(error) or "busy" in str(error)
-            if not busy or time.monotonic() > deadline:
-                raise
-        time.sleep(pause)
-        pause = min(2 * pause, BUSY_POLL_S[1])
-
-
-@contextmanager
-def write_transaction(
-    db: sqlite3.Connection, lock: threading.Lock | None = None
-) -> Iterator[sqlite3.Connection]:
-    """One writer of this process at a time (``lock``, unless the caller holds one already) in
-    ``BEGIN IMMEDIATE`` on ``db`` (other processes waited for in short steps): COMMIT at the
-    end, ROLLBACK on an error."""
-    with lock or nullcontext():
-        when_free(lambda: db.execute("BEGIN IMMEDIATE"))
-        try:
-            yield db
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-
-
-def use_wal(db: sqlite3.Connection) -> None:
-    """Switch the file to WAL. Run it under ``when_free``: SQLite does not always wait here for
-    another process opening the same new file, it answers "database is locked" at once."""
-    if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-        db.execute("PRAGMA journal_mode=WAL")
+MIGRATIONS = [
+    Migration(
+        1,
+        "ratings and rankings",
+        statements(
+            """CREATE TABLE IF NOT EXISTS feedback (
+    id {id}, kind TEXT NOT NULL CHECK (kind IN ('rating', 'ranking')),
+    prompt TEXT NOT NULL, completion TEXT, rating INTEGER, ranking TEXT, ties TEXT,
+    comment TEXT, labeler TEXT NOT NULL, created {real} NOT NULL)""",
+            "CREATE INDEX IF NOT EXISTS feedback_by_prompt ON feedback(prompt)",
+        ),
+    ),
+    Migration(2, "owners (older rows keep owner NULL)", add_column("feedback", "owner", "TEXT")),
+    Migration(
+        3,
+        "exports by owner",
+        statements("CREATE INDEX IF NOT EXISTS feedback_by_owner ON feedback(owner, kind, id)"),
+    ),
+]
 
 
 @dataclass
@@ -99,64 +80,17 @@ class PendingWrite:
 
 
 class FeedbackStore:
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._write_lock = threading.Lock()  # guards the writer connection
+    """Ratings and rankings in a ``Database``: a SQLite file (a path) or PostgreSQL (a
+    ``postgresql://`` URL, or a Database shared with other stores, which the caller closes)."""
+
+    def __init__(self, path: Database | Path | str) -> None:
+        self.database = open_database(path)
+        self._owns_database = self.database is not path
+        self.path = getattr(self.database, "path", None)  # the SQLite file; None on PostgreSQL
         self._batches = threading.Condition()  # guards the queue; see _insert
         self._queue: list[PendingWrite] = []
         self._writing_batch = False
-        self._writer = self._open()
-        self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
-        when_free(lambda: use_wal(self._writer))
-        if not self._up_to_date(self._writer):
-            with self._write_lock, self._writing() as db:
-                for statement in SCHEMA:  # one by one: executescript would COMMIT
-                    db.execute(statement)
-                self._migrate(db)
-        self._writer.execute("PRAGMA busy_timeout=0")  # when_free waits, in shorter steps
-
-    def _open(self) -> sqlite3.Connection:
-        db = sqlite3.connect(
-            self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
-        )
-        db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        return db
-
-    @staticmethod
-    def _up_to_date(db: sqlite3.Connection) -> bool:
-        """The schema is current (the owner index is made last), so opening writes nothing."""
-        found = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'feedback_by_owner'")
-        return found.fetchone() is not None
-
-    @staticmethod
-    def _migrate(db: sqlite3.Connection) -> None:
-        """Databases from before owners get the column; their rows keep owner NULL."""
-        columns = {row[1] for row in db.execute("PRAGMA table_info(feedback)")}
-        if "owner" not in columns:
-            db.execute("ALTER TABLE feedback ADD COLUMN owner TEXT")
-        db.execute(OWNER_INDEX)
-
-    def _writing(self) -> AbstractContextManager[sqlite3.Connection]:
-        """One write transaction on the writer connection; the caller holds the writer lock."""
-        return write_transaction(self._writer)
-
-    @contextmanager
-    def _reading(self) -> Iterator[sqlite3.Connection]:
-        """A read connection of this thread's own for the block (pooled, any thread)."""
-        try:
-            db = self._readers.get_nowait()
-        except queue.Empty:
-            db = self._open()
-        try:
-            yield db
-        finally:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            if self._readers.qsize() < POOLED_READERS:
-                self._readers.put(db)
-            else:
-                db.close()
+        migrate(self.database, "feedback", MIGRATIONS)
 
     def _insert(self, **row: Any) -> int:
         """Queue the row; unless a batch is being written, write every queued row, else wait.
@@ -175,8 +109,7 @@ class FeedbackStore:
                 batch, self._queue, self._writing_batch = self._queue, [], True
         if batch:
             try:
-                with self._write_lock:
-                    self._write_batch(batch)
+                self._write_batch(batch)
             finally:
                 with self._batches:
                     for pending in batch:
@@ -188,22 +121,23 @@ class FeedbackStore:
         return write.rowid
 
     def _write_batch(self, batch: list[PendingWrite]) -> None:
-        """One transaction for the batch; called with the writer lock held."""
+        """One transaction for the batch."""
         try:
-            with self._writing() as db:
+            with self.database.transaction() as db:
                 for write in batch:
                     db.execute("SAVEPOINT row")
                     try:
-                        cursor = db.execute(
-                            f"INSERT INTO feedback ({', '.join(write.row)}, created) VALUES "
-                            f"({', '.join('?' * len(write.row))}, ?)",
-                            [*write.row.values(), time.time()],
+                        write.rowid = int(
+                            db.execute(
+                                f"INSERT INTO feedback ({', '.join(write.row)}, created) VALUES "
+                                f"({', '.join('?' * len(write.row))}, ?) RETURNING id",
+                                [*write.row.values(), time.time()],
+                            ).fetchone()[0]
                         )
-                        write.rowid = int(cursor.lastrowid or 0)
-                    except sqlite3.Error as error:
-                        db.execute("ROLLBACK TO row")
+                    except self.database.Error as error:
+                        db.execute("ROLLBACK TO SAVEPOINT row")
                         write.error = error
-                    db.execute("RELEASE row")
+                    db.execute("RELEASE SAVEPOINT row")
         except BaseException as error:  # nothing of the batch was committed
             for write in batch:
                 write.error = write.error or error
@@ -259,7 +193,7 @@ class FeedbackStore:
     def count(self, owner: str | None = None) -> int:
         """Records stored: everyone's (``owner=None``) or one owner's."""
         where, args = ("", ()) if owner is None else (" WHERE owner = ?", (owner,))
-        with self._reading() as db:
+        with self.database.read() as db:
             return int(db.execute(f"SELECT count(*) FROM feedback{where}", args).fetchone()[0])
 
     def pairwise(self, owner: str | None = None) -> list[dict[str, str]]:
@@ -269,8 +203,7 @@ class FeedbackStore:
         is complete for the moment the read began: writes that land meanwhile are not in it.
         """
         where, args = ("", ()) if owner is None else (" AND owner = ?", (owner,))
-        with self._reading() as db:
-            db.execute("BEGIN")  # deferred: both SELECTs read the same snapshot
+        with self.database.snapshot() as db:  # both SELECTs read the same snapshot
             rankings = db.execute(
                 f"SELECT prompt, ranking, ties FROM feedback WHERE kind = 'ranking'{where} "
                 "ORDER BY id",
@@ -281,18 +214,12 @@ class FeedbackStore:
                 "ORDER BY id",
                 args,
             ).fetchall()
-            db.execute("COMMIT")
         return to_pairs(rankings, ratings)
 
     def close(self) -> None:
-        """Close every connection; the store cannot be used afterwards."""
-        with self._write_lock:
-            self._writer.close()
-        while True:
-            try:
-                self._readers.get_nowait().close()
-            except queue.Empty:
-                return
+        """Close the database unless it was handed in; the store cannot be used afterwards."""
+        if self._owns_database:
+            self.database.close()
 
 
 def to_pairs(

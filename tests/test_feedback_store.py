@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agentkit.services import feedback
+from agentkit.services import feedback, storage
 from agentkit.services.feedback import FeedbackStore
 
 OLD_SCHEMA = """
@@ -142,7 +142,7 @@ def test_writers_in_one_process_share_one_connection_and_lose_nothing(
         opened.append(threading.get_ident())
         return connect(*args, **kwargs)
 
-    monkeypatch.setattr(feedback.sqlite3, "connect", counting_connect)
+    monkeypatch.setattr(storage.sqlite3, "connect", counting_connect)
     with ThreadPoolExecutor(64) as pool:
         ids = list(pool.map(lambda i: store.add_rating(f"p{i % 7}", f"c{i}", 1, "x"), range(640)))
     assert opened == []
