@@ -212,6 +212,12 @@ class Index:
             store = self.follow_disk()
             return store.inode, store.generation
 
+    def documents(self) -> list[dict[str, Any]]:
+        """What the last committed run left: each document's source, title, format, number of
+        chunks, time indexed and root (indexed folder), newest first."""
+        with self.lock.reading(), damage_reported(self.path):
+            return self.follow_disk().documents()
+
     def titles(self) -> dict[int, str]:
         """Every document's title by its id."""
         with self.lock.reading(), damage_reported(self.path):

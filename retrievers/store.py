@@ -499,6 +499,15 @@ class IndexStore:
         rows = self.db.execute("SELECT DISTINCT root FROM documents WHERE source = ?", (source,))
         return {r[0] for r in rows}
 
+    def documents(self) -> list[dict[str, Any]]:
+        """Every document (source, title, format, chunks, indexed_at, root), newest first."""
+        rows = self.db.execute(
+            "SELECT source, title, format, n_chunks, indexed_at, root FROM documents "
+            "ORDER BY indexed_at DESC, source"
+        ).fetchall()
+        keys = ("source", "title", "format", "chunks", "indexed_at", "root")
+        return [dict(zip(keys, row)) for row in rows]
+
     def titles(self) -> dict[int, str]:
         """Every document's title by its id."""
         return dict(self.db.execute("SELECT id, title FROM documents").fetchall())

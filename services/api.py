@@ -122,7 +122,13 @@ def create_app(
     from agentkit.services.web import web_router  # the page at / and the routes it adds
 
     app.include_router(
-        web_router(state.context, config=config, feedback=feedback, conversations=conversations)
+        web_router(
+            state.context,
+            config=config,
+            feedback=feedback,
+            conversations=conversations,
+            uploads=state.uploads,
+        )
     )
     return app
 

@@ -15,7 +15,6 @@ Besides the page, the routers here add what it needs and the REST API lacked: th
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from fastapi.responses import HTMLResponse, Response
 from starlette.exceptions import HTTPException
 
 from agentkit.agents import AgentContext
+from agentkit.retrievers.uploads import UploadOwners
 from agentkit.services.api_state import ApiConfig
 from agentkit.services.auth import AUTHORIZED, Caller
 from agentkit.services.conversations import ConversationNotFound, ConversationStore
@@ -129,7 +129,9 @@ def allow_only(router: APIRouter, path: str, *methods: str) -> None:
     )
 
 
-def documents_router(index: Any, config: ApiConfig) -> APIRouter:
+def documents_router(
+    index: Any, config: ApiConfig, uploads: UploadOwners | None = None
+) -> APIRouter:
     """``GET /v1/index/documents`` (what the index holds; which of it the caller may delete)
     and ``GET /v1/index/stats``. Paths are shown relative to their root, never absolute."""
     router = APIRouter(prefix="/v1/index", tags=["documents"])
@@ -140,33 +142,18 @@ def documents_router(index: Any, config: ApiConfig) -> APIRouter:
             raise HTTPException(404, "no index is loaded: start the API with --index")
         return index
 
-    def upload_owners() -> dict[str, str]:
-        if upload_root is None:
-            return {}
-        try:
-            return json.loads((Path(upload_root) / ".owners.json").read_text("utf-8"))
-        except (OSError, ValueError):
-            return {}
-
     @router.get("/documents", responses=errors(401, 404, 429))
     def list_documents(caller: Caller = AUTHORIZED) -> dict[str, Any]:
-        rows = need_index().follow_disk().db.execute(  # what the last committed run left
-            "SELECT source, title, format, n_chunks, indexed_at, root FROM documents "
-            "ORDER BY indexed_at DESC, source"
-        )
-        owners = upload_owners()
         documents = []
-        for source, title, kind, chunks, indexed_at, root in rows.fetchall():
+        for document in need_index().documents():
+            root = document.pop("root")
             uploaded = root == upload_root
+            owner = uploads.owner_of(document["source"]) if uploads and uploaded else None
             documents.append(
                 {
-                    "source": source,
-                    "title": title,
-                    "format": kind,
-                    "chunks": chunks,
-                    "indexed_at": indexed_at,
+                    **document,
                     "uploaded": uploaded,
-                    "deletable": caller.admin or (uploaded and owners.get(source) == caller.owner),
+                    "deletable": caller.admin or (uploaded and owner == caller.owner),
                 }
             )
         return {"object": "list", "data": documents}
@@ -190,6 +177,7 @@ def web_router(
     config: ApiConfig,
     feedback: FeedbackStore | None = None,
     conversations: ConversationStore | None = None,
+    uploads: UploadOwners | None = None,
     assets: PageAssets | None = None,
 ) -> APIRouter:
     """Everything the web page adds to the API (``create_app`` includes it)."""
@@ -202,7 +190,7 @@ def web_router(
         return {"name": caller.name, "role": caller.role, "keys": bool(config.keys)}
 
     router.include_router(conversations_router(conversations))
-    router.include_router(documents_router(context.index, config))
+    router.include_router(documents_router(context.index, config, uploads))
     if feedback is not None:
         router.include_router(labeling_router(LabelingStore(feedback), context))
         allow_only(router, "/v1/labeling/tasks", "GET", "POST")

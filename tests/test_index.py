@@ -49,6 +49,18 @@ def test_folder_is_indexed_with_citable_hits(
     assert text[hit.char_start : hit.char_end] == hit.text
 
 
+def test_documents_lists_what_the_index_holds(
+    docs: Path, settings: Settings, embedder: HashingEmbedder
+) -> None:
+    build(docs, settings, embedder)
+    with Index.open(settings.index, settings=settings, embedder=embedder) as index:
+        listed = index.documents()
+        assert {d["source"] for d in listed} == sources(index)
+    install = next(d for d in listed if d["source"] == "guide/install.md")
+    assert install["title"] == "Installing" and install["chunks"] >= 1
+    assert install["root"] == str(docs.resolve()) and install["format"]
+
+
 @pytest.mark.parametrize("mode", ["hybrid", "dense", "bm25"])
 def test_every_mode_finds_the_right_file(
     docs: Path, settings: Settings, embedder: HashingEmbedder, mode: str
