@@ -21,6 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import httpx
 
+from agentkit import tracing
 from agentkit.errors import LLMError, ModelServerError
 from agentkit.sse import aiter_events, iter_events
 
@@ -334,7 +335,12 @@ class OpenAIChatModel:
         body = self._body(messages, ModelSettings.of(settings, options, stream=True), True)
         for attempt in self._attempts(body):
             time.sleep(attempt.delay_s)
-            with attempt, self._client.stream("POST", attempt.url + CHAT, json=attempt.body) as r:
+            with (
+                attempt,
+                self._client.stream(
+                    "POST", attempt.url + CHAT, json=attempt.body, headers=tracing.headers()
+                ) as r,
+            ):
                 attempt.outcome = r
                 if r.is_error:
                     r.read()  # the server's reason, for the error
@@ -350,7 +356,9 @@ class OpenAIChatModel:
         for attempt in self._attempts(body):
             await asyncio.sleep(attempt.delay_s)
             with attempt:
-                async with client.stream("POST", attempt.url + CHAT, json=attempt.body) as r:
+                async with client.stream(
+                    "POST", attempt.url + CHAT, json=attempt.body, headers=tracing.headers()
+                ) as r:
                     attempt.outcome = r
                     if r.is_error:
                         await r.aread()
@@ -366,7 +374,7 @@ class OpenAIChatModel:
             time.sleep(attempt.delay_s)
             with attempt:
                 attempt.outcome = self._client.request(
-                    method, attempt.url + path, json=attempt.body
+                    method, attempt.url + path, json=attempt.body, headers=tracing.headers()
                 )
         return attempt.outcome.json()
 
@@ -376,7 +384,7 @@ class OpenAIChatModel:
             await asyncio.sleep(attempt.delay_s)
             with attempt:
                 attempt.outcome = await client.request(
-                    method, attempt.url + path, json=attempt.body
+                    method, attempt.url + path, json=attempt.body, headers=tracing.headers()
                 )
         return attempt.outcome.json()
 

@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from agentkit import tracing
 from agentkit.llm import ChatModel, Message, Usage
 from agentkit.prompts import load_messages
 from agentkit.tools.sandbox import Sandbox, SandboxResult
@@ -138,14 +139,34 @@ class PAL:
             program = extract_code(reply)
         except NoCode as error:
             return None, SandboxResult(error=str(error), error_type="no_code")
-        return program, self.sandbox.run(program, cancel=cancel)
+        with tracing.span("sandbox_run") as traced:
+            if tracing.capture_content():
+                traced.set("agentkit.sandbox.program", program, tracing.MAX_CONTENT_CHARS)
+            result = self.sandbox.run(program, cancel=cancel)
+            traced.set("agentkit.sandbox.outcome", result.error_type or "ok")
+            traced.set("agentkit.sandbox.duration_ms", result.duration_ms)
+            traced.set("agentkit.sandbox.isolation", result.isolation)
+        return program, result
 
     def solve(self, question: str, cancel: threading.Event | None = None) -> PALAnswer:
         """Answer ``question``; setting ``cancel`` (a client went away) stops sandbox runs."""
+        with tracing.agent_span("agentkit-pal", question) as run:
+            answer = self._solve(question, cancel)
+            run.set("agentkit.pal.ok", answer.ok)
+            run.set("agentkit.pal.samples", len(answer.samples))
+            run.set("gen_ai.usage.input_tokens", answer.usage.prompt_tokens)
+            run.set("gen_ai.usage.output_tokens", answer.usage.completion_tokens)
+            return answer
+
+    def _solve(self, question: str, cancel: threading.Event | None) -> PALAnswer:
         started = time.perf_counter()
         messages: list[Message] = load_messages(self.prompt, question=question)
-        completion = self.model.complete(
-            messages, n=self.samples, temperature=self.temperature, max_tokens=self.max_tokens
+        completion = tracing.complete(
+            self.model,
+            messages,
+            n=self.samples,
+            temperature=self.temperature,
+            max_tokens=self.max_tokens,
         )
         usage = Usage() + completion.usage
         generated = time.perf_counter()
@@ -162,7 +183,9 @@ class PAL:
                     {"role": "assistant", "content": reply},
                     *load_messages("pal_repair", error=result.error),
                 ]
-                again = self.model.complete(fix, temperature=0.0, max_tokens=self.max_tokens)
+                again = tracing.complete(
+                    self.model, fix, temperature=0.0, max_tokens=self.max_tokens
+                )
                 usage += again.usage
                 repaired_program, repaired_result = self._run(again.text, cancel)
                 if repaired_result.ok:
@@ -179,7 +202,8 @@ class PAL:
         value = best.result.value if good else None
         text = "" if value is None else str(value)
         if self.explain and value is not None:
-            words = self.model.complete(
+            words = tracing.complete(
+                self.model,
                 load_messages("pal_explain", question=question, result=value),
                 temperature=0.0,
                 max_tokens=80,

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from agentkit import tracing
 from agentkit.budget import fit_prompt
 from agentkit.llm import ChatModel, Message, Usage
 from agentkit.prompts import load_messages
@@ -168,28 +169,44 @@ class RAG:
         return answer
 
     def ask(self, question: str) -> Answer:
-        answer, messages, room = self.prepare(question)
-        if messages is None:
-            return answer
-        started = time.perf_counter()
-        completion = self.model.complete(messages, max_tokens=room, temperature=self.temperature)
-        answer.timings["generate_s"] = time.perf_counter() - started
-        answer.usage = completion.usage
-        check = CitationFilter(len(answer.sources))
-        text = check.feed(completion.text) + check.flush()
-        return self.finish(answer, text, check.cited, check.invalid)
+        with tracing.agent_span("agentkit-rag", question) as run:
+            answer, messages, room = self.prepare(question)
+            if messages is None:
+                return traced(run, answer)
+            started = time.perf_counter()
+            completion = tracing.complete(
+                self.model, messages, max_tokens=room, temperature=self.temperature
+            )
+            answer.timings["generate_s"] = time.perf_counter() - started
+            answer.usage = completion.usage
+            check = CitationFilter(len(answer.sources))
+            text = check.feed(completion.text) + check.flush()
+            return traced(run, self.finish(answer, text, check.cited, check.invalid))
 
     def stream(self, question: str) -> Iterator[str | Answer]:
         """Yields the answer's text as it arrives (citations already checked), then the Answer."""
-        answer, messages, room = self.prepare(question)
+        run = tracing.agent_span("agentkit-rag", question, current=False)
+        try:
+            yield from self._stream(question, run)
+        except BaseException as error:
+            run.__exit__(type(error), error, None)
+            raise
+        run.end()
+
+    def _stream(self, question: str, run: Any) -> Iterator[str | Answer]:
+        with tracing.use_context(run.context()):
+            answer, messages, room = self.prepare(question)
         if messages is None:
             yield answer.text
-            yield answer
+            yield traced(run, answer)
             return
         started = time.perf_counter()
         check = CitationFilter(len(answer.sources))
         parts: list[str] = []
-        for delta in self.model.stream(messages, max_tokens=room, temperature=self.temperature):
+        deltas = tracing.stream(
+            self.model, messages, parent=run, max_tokens=room, temperature=self.temperature
+        )
+        for delta in deltas:
             if delta.usage is not None:
                 answer.usage = delta.usage
             if piece := check.feed(delta.text):
@@ -199,4 +216,14 @@ class RAG:
             parts.append(tail)
             yield tail
         answer.timings["generate_s"] = time.perf_counter() - started
-        yield self.finish(answer, "".join(parts), check.cited, check.invalid)
+        yield traced(run, self.finish(answer, "".join(parts), check.cited, check.invalid))
+
+
+def traced(run: Any, answer: Answer) -> Answer:
+    """Record an answer's outcome on its run's span; the answer."""
+    run.set("agentkit.rag.sources", len(answer.sources))
+    run.set("agentkit.rag.dropped_sources", len(answer.dropped_sources))
+    run.set("agentkit.rag.answered", answer.answered)
+    run.set("gen_ai.usage.input_tokens", answer.usage.prompt_tokens)
+    run.set("gen_ai.usage.output_tokens", answer.usage.completion_tokens)
+    return answer

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from agentkit import tracing
 from agentkit.errors import AgentkitError
 from agentkit.llm import ChatModel, Message, Structured, ToolCall, Usage
 from agentkit.prompts import load_messages
@@ -161,8 +162,14 @@ class ReAct:
         prompt: str = "react_hotpotqa",
         on_step: Callable[[Step], None] | None = None,
         mode: str = "text",
+        mcp_servers: Iterable[Any] = (),
     ) -> None:
-        """``mode="tools"``: OpenAI-style tool calling instead of the Thought/Action text."""
+        """``mode="tools"``: OpenAI-style tool calling instead of the Thought/Action text.
+
+        ``mcp_servers``: MCP servers whose tools the agent may call, each a command (stdio), a
+        URL (streamable HTTP), an ``MCPServerSpec`` or an open ``MCPConnection``. Those given as
+        specs are connected now and kept open for every question, until ``close()``.
+        """
         self.model, self.index, self.max_steps = model, index, max_steps
         self.extra_tools = list(tools)
         self.structured, self.max_tokens, self.prompt, self.on_step = (
@@ -178,6 +185,29 @@ class ReAct:
         if mode == "tools" and not hasattr(model, "complete_tools"):
             raise AgentkitError("mode='tools' needs a model with complete_tools (OpenAIChatModel)")
         self.mode = mode
+        self.mcp_connections: list[Any] = []
+        self._owned: list[Any] = []
+        servers = list(mcp_servers)
+        if servers:
+            from agentkit.mcp_client import MCPConnection, open_servers
+
+            self.mcp_connections = open_servers(servers)
+            self._owned = [
+                c for c, given in zip(self.mcp_connections, servers)
+                if not isinstance(given, MCPConnection)
+            ]  # fmt: skip
+
+    def close(self) -> None:
+        """Close the MCP connections this agent opened (those passed in open stay open)."""
+        for connection in self._owned:
+            connection.close()
+        self._owned = []
+
+    def __enter__(self) -> ReAct:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _registry(self) -> ToolRegistry:
         registry = ToolRegistry()
@@ -188,6 +218,11 @@ class ReAct:
             registry.register(finish)
         for t in self.extra_tools:
             registry.register(t)
+        if self.mcp_connections:
+            from agentkit.mcp_client import mcp_tools
+
+            for t in mcp_tools(self.mcp_connections, taken=registry.names()):
+                registry.register(t)
         return registry
 
     def steps(
@@ -201,48 +236,81 @@ class ReAct:
         usage, finish and the fallback happen here, alike for text and tool calls.
         """
         started = time.perf_counter()
-        registry = self._registry()
-        result = Trajectory(question)
-        producer_type = ToolCallSteps if self.mode == "tools" else TextSteps
-        producer = producer_type(self, question, registry)
-        previous: tuple[str, str] | None = None
-        repeats = 0
-        for _ in range(self.max_steps):
-            if cancel is not None and cancel.is_set():
-                result.cancelled = True
-                break
-            t0 = time.perf_counter()
-            # greedy decoding repeats itself: after a repeat, sample. A sampled step can run past
-            # max_tokens before its action (the regex cannot bound it: xgrammar times out on
-            # {m,n}); such a step is drawn again, greedily, before it counts as a failure.
-            for temperature in [0.7, 0.0] if repeats else [0.0]:
-                draft = producer.draft(temperature)
-                result.usage += draft.usage
-                if draft.name is not None:
+        run = tracing.agent_span("agentkit-react", question, current=False)
+        traced = run.context()  # made current around the work between yields, never across one
+        try:
+            with tracing.use_context(traced):
+                registry = self._registry()
+                producer_type = ToolCallSteps if self.mode == "tools" else TextSteps
+                producer = producer_type(self, question, registry)
+            result = Trajectory(question)
+            previous: tuple[str, str] | None = None
+            repeats = 0
+            for index in range(self.max_steps):
+                if cancel is not None and cancel.is_set():
+                    result.cancelled = True
                     break
-            t1 = time.perf_counter()
-            step = self._act(draft, registry, previous)
-            if step.observation.startswith(REPEATED):
-                repeats += 1
-            elif not step.parse_failed:
-                repeats = 0
-            if draft.name is not None and not step.parse_failed:
-                previous = (draft.name, draft.argument.casefold())
-            step.seconds = {"generate": t1 - t0, "tool": time.perf_counter() - t1}
-            result.steps.append(step)
-            if self.on_step:
-                self.on_step(step)
-            yield step
-            if step.action == "finish" and not step.parse_failed:
-                result.answer, result.finished = step.argument, True
-                break
-            if repeats >= 3:  # stuck: more steps will not help, the fallback might
-                break
-            producer.observe(draft, step.observation)
-        if not result.finished and not result.cancelled:
-            result.fallback, result.answer = True, self._fallback(question)
-        result.seconds = time.perf_counter() - started
+                with (
+                    tracing.use_context(traced),
+                    tracing.span("react_step", {"agentkit.step.index": index}) as step_span,
+                ):
+                    step, draft = self._step(producer, registry, previous, repeats, result)
+                    step_span.set("agentkit.step.action", step.action)
+                    step_span.set("agentkit.step.parse_failed", step.parse_failed)
+                    step_span.set("agentkit.step.tool_error", step.tool_error)
+                if step.observation.startswith(REPEATED):
+                    repeats += 1
+                elif not step.parse_failed:
+                    repeats = 0
+                if draft.name is not None and not step.parse_failed:
+                    previous = (draft.name, draft.argument.casefold())
+                result.steps.append(step)
+                if self.on_step:
+                    self.on_step(step)
+                yield step
+                if step.action == "finish" and not step.parse_failed:
+                    result.answer, result.finished = step.argument, True
+                    break
+                if repeats >= 3:  # stuck: more steps will not help, the fallback might
+                    break
+                producer.observe(draft, step.observation)
+            if not result.finished and not result.cancelled:
+                with tracing.use_context(traced):
+                    result.fallback, result.answer = True, self._fallback(question)
+            result.seconds = time.perf_counter() - started
+            run.set("agentkit.react.steps", len(result.steps))
+            run.set("agentkit.react.finished", result.finished)
+            run.set("agentkit.react.fallback", result.fallback)
+            run.set("gen_ai.usage.input_tokens", result.usage.prompt_tokens)
+            run.set("gen_ai.usage.output_tokens", result.usage.completion_tokens)
+        except BaseException as error:
+            run.__exit__(type(error), error, None)
+            raise
+        run.end()
         yield result
+
+    def _step(
+        self,
+        producer: TextSteps | ToolCallSteps,
+        registry: ToolRegistry,
+        previous: tuple[str, str] | None,
+        repeats: int,
+        result: Trajectory,
+    ) -> tuple[Step, Draft]:
+        """Draft the next step and run it; the draft's usage goes into ``result``."""
+        t0 = time.perf_counter()
+        # greedy decoding repeats itself: after a repeat, sample. A sampled step can run past
+        # max_tokens before its action (the regex cannot bound it: xgrammar times out on
+        # {m,n}); such a step is drawn again, greedily, before it counts as a failure.
+        for temperature in [0.7, 0.0] if repeats else [0.0]:
+            draft = producer.draft(temperature)
+            result.usage += draft.usage
+            if draft.name is not None:
+                break
+        t1 = time.perf_counter()
+        step = self._act(draft, registry, previous)
+        step.seconds = {"generate": t1 - t0, "tool": time.perf_counter() - t1}
+        return step, draft
 
     @staticmethod
     def _act(draft: Draft, registry: ToolRegistry, previous: tuple[str, str] | None) -> Step:
@@ -259,10 +327,15 @@ class ReAct:
                 " Do something else or finish[answer]."
             )
         else:
-            try:
-                step.observation = str(tool(draft.call_with))[:MAX_OBSERVATION_CHARS]
-            except Exception as error:  # a tool's failure is the model's observation
-                step.observation, step.tool_error = f"Error from {tool.name}: {error}", True
+            attributes = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": tool.name}
+            with tracing.span(f"execute_tool {tool.name}", attributes) as tool_span:
+                if tracing.capture_content():
+                    tool_span.set("gen_ai.tool.call.arguments", draft.argument)
+                try:
+                    step.observation = str(tool(draft.call_with))[:MAX_OBSERVATION_CHARS]
+                except Exception as error:  # a tool's failure is the model's observation
+                    step.observation, step.tool_error = f"Error from {tool.name}: {error}", True
+                    tool_span.set("error.type", type(error).__qualname__)
         return step
 
     def _fallback(self, question: str) -> str:
@@ -292,7 +365,8 @@ class TextSteps:
         )
 
     def draft(self, temperature: float) -> Draft:
-        completion = self.agent.model.complete(
+        completion = tracing.complete(
+            self.agent.model,
             self.messages,
             stop=["\nObservation"],
             max_tokens=self.agent.max_tokens,
@@ -329,8 +403,12 @@ class ToolCallSteps:
         self.call: ToolCall | None = None
 
     def draft(self, temperature: float) -> Draft:
-        completion = self.agent.model.complete_tools(  # type: ignore[attr-defined]
-            self.messages, self.schemas, max_tokens=self.agent.max_tokens, temperature=temperature
+        completion = tracing.complete(
+            self.agent.model,
+            self.messages,
+            tools=self.schemas,
+            max_tokens=self.agent.max_tokens,
+            temperature=temperature,
         )
         text = completion.text.strip()
         recovered = tool_call_from_text(completion.text, self.registry.names())

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from agentkit import tracing
 from agentkit.errors import AgentkitError, EmbeddingModelError
 from agentkit.settings import Settings, get_settings
 
@@ -156,8 +157,14 @@ class Index:
 
     def search(self, query: str, *, k: int = 5, mode: SearchMode = "hybrid") -> list[Hit]:
         """The ``k`` best chunks for ``query`` (hybrid: dense + BM25, fused by reciprocal rank)."""
-        with self.lock.reading(), damage_reported(self.path):
-            return search(
+        attributes = {"agentkit.retrieval.query": query, "agentkit.retrieval.k": k,
+                      "agentkit.retrieval.mode": mode}  # fmt: skip
+        with (
+            tracing.span("retrieval", attributes) as traced,
+            self.lock.reading(),
+            damage_reported(self.path),
+        ):
+            hits = search(
                 self.follow_disk(),
                 self.embedder,
                 query,
@@ -165,6 +172,8 @@ class Index:
                 mode=mode,
                 max_query_chars=self.settings.max_query_chars,
             )
+            traced.set("agentkit.retrieval.hits", len(hits))
+            return hits
 
     def _writable_store(self) -> IndexStore:
         """The store as others left it, checked before this writer changes it."""

@@ -67,6 +67,10 @@ class Tool:
             return await self.func(**kwargs)
         return await asyncio.to_thread(self.func, **kwargs)
 
+    def describe(self) -> str:
+        """The tool's line in a text-mode prompt's tool list."""
+        return f"- {self.name}[...]: {self.description}"
+
     def openai_schema(self) -> dict[str, Any]:
         """The tool as an OpenAI/vLLM ``tools`` entry, for tool-calling models."""
         return {
@@ -170,4 +174,4 @@ class ToolRegistry:
         return self.get(name) is not None
 
     def describe(self) -> str:
-        return "\n".join(f"- {t.name}[...]: {t.description}" for t in self)
+        return "\n".join(t.describe() for t in self)
