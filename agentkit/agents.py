@@ -78,6 +78,7 @@ class AgentContext:
     settings: Settings
     index: Any = None  # agentkit.retrievers.Index
     sandbox: Any = None  # agentkit.tools.sandbox.Sandbox; PAL makes one when None
+    guardrails: Any = None  # agentkit.guardrails.Guardrails: moderation, revision, best-of-n
 
 
 Runner = Callable[[AgentContext, AgentRequest], AgentResult]
@@ -127,11 +128,27 @@ def check_agent(name: str, context: AgentContext, request: AgentRequest) -> Agen
 
 
 def run_agent(name: str, context: AgentContext, request: AgentRequest) -> AgentResult:
-    return check_agent(name, context, request).run(context, request)
+    spec = check_agent(name, context, request)
+    if context.guardrails is not None:
+        from agentkit.guardrails import guarded_run
+
+        return guarded_run(spec, context, request)
+    return spec.run(context, request)
 
 
 def stream_agent(name: str, context: AgentContext, request: AgentRequest) -> Iterator[AgentEvent]:
     spec = check_agent(name, context, request)
+    if context.guardrails is not None:
+        from agentkit.guardrails import guarded_stream
+
+        return guarded_stream(spec, context, request)
+    return stream_spec(spec, context, request)
+
+
+def stream_spec(
+    spec: AgentSpec, context: AgentContext, request: AgentRequest
+) -> Iterator[AgentEvent]:
+    """The events of ``spec``'s run (its own stream, or its whole run as one event)."""
     if spec.stream is not None:
         return spec.stream(context, request)
     return _whole(spec, context, request)

@@ -148,6 +148,47 @@ LlmUrlOption = Annotated[
     str | None,
     typer.Option("--llm-url", help="Model server URL(s), comma-separated (AGENTKIT_LLM_URL)."),
 ]
+BestOfOption = Annotated[
+    int, typer.Option("--best-of", min=1, max=16, help="Sample N answers, return the best.")
+]
+GuardOption = Annotated[
+    str | None,
+    typer.Option("--guard", help="Moderate none, input, output or both (AGENTKIT_GUARD)."),
+]
+ReviseOption = Annotated[
+    bool | None,
+    typer.Option("--revise/--no-revise", help="Critique and revise by the constitution."),
+]
+
+
+def guarded_context(settings: Any, model: Any, best_of: int, **context: Any) -> Any:
+    """The agents' context with the guardrails the settings and ``best_of`` ask for, or None
+    when they ask for none (the commands then run as they always did)."""
+    from agentkit.agents import AgentContext
+    from agentkit.guardrails import Guardrails
+
+    rails = Guardrails.from_settings(settings, model, best_of=best_of)
+    return None if rails is None else AgentContext(model, settings, guardrails=rails, **context)
+
+
+def print_guarded(result: Any, as_json: bool) -> None:
+    """A guarded run's answer, and what the guardrails did (on stderr)."""
+    if as_json:
+        print_json({"text": result.text, "agentkit": result.data})
+        return
+    console.print(result.text, highlight=False, markup=False)
+    for citation in result.data.get("citations", []):
+        console.print(f"  [{citation['number']}] {relative(citation['location'])}",
+                      highlight=False, markup=False)  # fmt: skip
+    rails = result.data.get("guardrails", {})
+    if rails.get("action", "passed") != "passed":
+        errors.print(f"[yellow]guardrails:[/] {rails['action']}", highlight=False)
+    if rails.get("critique"):
+        errors.print(f"[dim]critique:[/] {rails['critique']}", highlight=False, markup=False)
+    if rails.get("best_of"):
+        best = rails["best_of"]
+        errors.print(f"[dim]best of {best['n']} by {best['reward']}: scores {best['scores']}[/]",
+                     highlight=False)  # fmt: skip
 
 
 @app.command("ask")
@@ -157,16 +198,25 @@ def ask_command(
     llm_url: LlmUrlOption = None,
     k: Annotated[int | None, typer.Option("-k", "--k", min=1, max=50, help="Sources.")] = None,
     stream: Annotated[bool, typer.Option("--stream", help="Print the answer as it comes.")] = False,
+    best_of: BestOfOption = 1,
+    guard: GuardOption = None,
+    revise: ReviseOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Answer a question from the indexed documents, citing them as [n] path:line."""
+    from agentkit.agents import AgentRequest, run_agent
     from agentkit.llm import connect
     from agentkit.rag import RAG, Answer
     from agentkit.retrievers import Index
 
     with reported_errors():
-        settings = get_settings(llm_url=llm_url, rag_k=k)
+        settings = get_settings(llm_url=llm_url, rag_k=k, guard=guard, revise=revise)
         with Index.open(index, settings=settings) as opened, connect(settings) as model:
+            guarded = guarded_context(settings, model, best_of, index=opened)
+            if guarded is not None:  # guardrails: the answer is shown after the checks
+                result = run_agent("agentkit-rag", guarded, AgentRequest.ask(question))
+                print_guarded(result, as_json)
+                return
             rag = RAG.from_settings(opened, model, settings)
             if stream and not as_json:
                 answer = None
@@ -312,14 +362,24 @@ def pal_command(
     llm_url: LlmUrlOption = None,
     samples: Annotated[int, typer.Option(min=1, max=40, help="Self-consistency votes.")] = 1,
     explain: Annotated[bool, typer.Option(help="State the answer in words.")] = False,
+    best_of: BestOfOption = 1,
+    guard: GuardOption = None,
+    revise: ReviseOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Answer by having the model write a program and running it in the sandbox."""
+    from agentkit.agents import AgentRequest, run_agent
     from agentkit.llm import connect
     from agentkit.pal import PAL
 
     with reported_errors():
-        with connect(get_settings(llm_url=llm_url)) as model:
+        settings = get_settings(llm_url=llm_url, guard=guard, revise=revise)
+        with connect(settings) as model:
+            guarded = guarded_context(settings, model, best_of)
+            if guarded is not None:  # guardrails: through the runner's agentkit-pal
+                result = run_agent("agentkit-pal", guarded, AgentRequest.ask(question))
+                print_guarded(result, as_json)
+                return
             answer = PAL(model, samples=samples, explain=explain).solve(question)
     if as_json:
         print_json(answer.to_dict())
@@ -406,6 +466,74 @@ def eval_hotpotqa_command(
         print_json(report)
         return
     console.print({k: v for k, v in report.items() if k != "records"}, highlight=False)
+
+
+@eval_app.command("xstest")
+def eval_xstest_command(
+    data: Annotated[Path, typer.Option(help="XSTest CSV (prompt, type, label safe/unsafe).")],
+    guard: Annotated[str, typer.Option(help="none, input, output or both.")] = "none",
+    policy: Annotated[str, typer.Option(help="block, flag or revise.")] = "block",
+    revise: Annotated[bool, typer.Option(help="Critique and revise every answer.")] = False,
+    limit: Annotated[
+        int | None, typer.Option(min=2, help="A balanced N: half safe, half unsafe.")
+    ] = None,
+    split: Annotated[str, typer.Option(help="all, or held_out (prompts not tuned on).")] = "all",
+    agent: Annotated[str, typer.Option(help="An agent; default: the served model.")] = "",
+    max_tokens: Annotated[int, typer.Option(min=8, max=4096)] = 128,
+    llm_url: LlmUrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Over-refusal of safe prompts and compliance with unsafe ones, with and without guards."""
+    from agentkit.agents import AgentContext
+    from agentkit.guardrails import Guardrails
+    from agentkit.llm import connect
+    from agentkit.xstest import eval_xstest
+
+    checks = {"guard": (guard, ("none", "input", "output", "both")),
+              "policy": (policy, ("block", "flag", "revise")),
+              "split": (split, ("all", "tuning", "held_out"))}  # fmt: skip
+    for name, (value, allowed) in checks.items():
+        if value not in allowed:
+            errors.print(f"[bold red]error:[/] --{name} must be one of {', '.join(allowed)}")
+            raise typer.Exit(2)
+    with reported_errors():
+        settings = get_settings(llm_url=llm_url, guard=guard, guard_policy=policy, revise=revise)
+        with connect(settings) as model:
+            context = AgentContext(
+                model, settings, guardrails=Guardrails.from_settings(settings, model)
+            )
+            report = eval_xstest(
+                context,
+                data,
+                agent=agent,
+                limit=limit,
+                split=split,  # type: ignore[arg-type]
+                max_tokens=max_tokens,
+                progress=None
+                if as_json
+                else lambda i, n: errors.print(f"{i}/{n}", end="\r", highlight=False),
+            )
+    if as_json:
+        print_json(report)
+        return
+    console.print({k: v for k, v in report.items() if k != "records"}, highlight=False)
+
+
+@eval_app.command("refusal")
+def eval_refusal_command(
+    data: Annotated[Path, typer.Option(help="XSTest's labelled completions CSV.")],
+    split: Annotated[str, typer.Option(help="all, tuning or held_out.")] = "held_out",
+    as_json: JsonOption = False,
+) -> None:
+    """Accuracy and confusion matrix of the refusal classifier against human labels."""
+    from agentkit.refusal import validate_refusal
+
+    if split not in ("all", "tuning", "held_out"):
+        errors.print("[bold red]error:[/] --split must be all, tuning or held_out")
+        raise typer.Exit(2)
+    with reported_errors():
+        report = validate_refusal(data, split=split)  # type: ignore[arg-type]
+    print_json(report, indent=2 if not as_json else None)
 
 
 @app.command("react")
@@ -688,6 +816,89 @@ def tasks_list_command(as_json: JsonOption = False) -> None:
         print_task(task, False)
     if not tasks:
         console.print("no labeling tasks; create one with `agentkit feedback tasks add FILE`")
+
+
+@feedback_app.command("ai-label")
+def ai_label_command(
+    file: Annotated[Path, typer.Argument(help='JSONL file: one {"prompt": "..."} a line.')],
+    agent: Annotated[
+        str, typer.Option(help="agentkit-rag, agentkit-pal, agentkit-react or the served model.")
+    ] = "agentkit-rag",
+    n: Annotated[int, typer.Option("--n", min=2, max=8, help="Answers per prompt.")] = 4,
+    temperature: Annotated[float, typer.Option(min=0.0, max=2.0)] = 0.8,
+    dry_run: Annotated[bool, typer.Option(help="Judge, but store nothing.")] = False,
+    index: IndexOption = None,
+    llm_url: LlmUrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Rank N sampled answers per prompt by the constitution with the judge (both orders of
+    every pair) and store the rankings as feedback of labeler ai:<model>."""
+    from agentkit.agents import AgentContext, get_agent
+    from agentkit.ai_feedback import ai_label
+    from agentkit.llm import connect
+    from agentkit.retrievers import Index
+    from agentkit.services.feedback import FeedbackStore
+    from agentkit.services.labeling import read_prompts
+
+    with reported_errors(), ExitStack() as stack:
+        try:
+            text = file.read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise AgentkitError(f"cannot read {file}: {error}; give a UTF-8 JSONL file") from None
+        prompts = read_prompts(text, source=str(file))
+        settings = get_settings(llm_url=llm_url)
+        opened = None
+        if get_agent(agent).needs_index:
+            opened = stack.enter_context(Index.open(index, settings=settings))
+        model = stack.enter_context(connect(settings))
+        model.context_length()  # the model server answers before anything is sampled
+        store = None
+        if not dry_run:
+            store = FeedbackStore(settings.feedback_db)
+            stack.callback(store.close)
+        shown = not as_json and errors.is_terminal
+        report = ai_label(
+            AgentContext(model, settings, index=opened),
+            prompts,
+            agent=agent,
+            n=n,
+            temperature=temperature,
+            store=store,
+            progress=(lambda i, total: errors.print(f"{i}/{total}", end="\r")) if shown else None,
+        )
+    if as_json:
+        print_json(report)
+        return
+    console.print(
+        f"{report['ranked']} of {report['prompts']} prompts ranked by {report['labeler']} "
+        f"({report['stored']} stored), {report['skipped']} skipped, {report['failed']} failed; "
+        f"position consistency {report['position_consistency']}",
+        highlight=False,
+    )
+    for outcome in report["outcomes"]:
+        if outcome["status"] != "ranked":
+            errors.print(f"  {outcome['status']}: {outcome['prompt'][:60]!r}: {outcome['error']}",
+                         highlight=False, markup=False)  # fmt: skip
+
+
+@feedback_app.command("export")
+def feedback_export_command(
+    kind: Annotated[str, typer.Option(help="human, ai or all (by labeler ai:<model>).")] = "all",
+) -> None:
+    """Pairwise preferences {prompt, chosen, rejected} as JSONL on stdout."""
+    from agentkit.services.feedback import FeedbackStore
+
+    if kind not in ("human", "ai", "all"):
+        errors.print("[bold red]error:[/] --kind must be human, ai or all")
+        raise typer.Exit(2)
+    with reported_errors():
+        store = FeedbackStore(get_settings().feedback_db)
+        try:
+            pairs = store.pairwise(kind=kind)
+        finally:
+            store.close()
+    for pair in pairs:
+        sys.stdout.write(json.dumps(pair, ensure_ascii=False) + "\n")
 
 
 def main() -> None:

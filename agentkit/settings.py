@@ -99,6 +99,29 @@ class Settings(BaseSettings):
     feedback_db: Path = Field(
         Path(".agentkit/feedback.sqlite"), description="Where the API stores human feedback."
     )
+    constitution: Path | None = Field(
+        None, description="Constitution file (Markdown principles); unset: the default one."
+    )
+    guard: Literal["none", "input", "output", "both"] = Field(
+        "none", description="Moderate the user's message, the answer, or both, for every agent."
+    )
+    guard_policy: Literal["block", "flag", "revise"] = Field(
+        "block", description="What an unsafe verdict does: refuse, mark it, or critique-revise."
+    )
+    guard_on_error: Literal["open", "closed"] = Field(
+        "closed", description="When a guard fails: let the message through (open) or block it."
+    )
+    guard_url: str | None = Field(
+        None, description="A guard model served by vLLM (e.g. Llama Guard); unset: the judge."
+    )
+    guard_model: str | None = Field(None, description="The guard model's served name.")
+    revise: bool = Field(
+        False, description="Critique every answer against the constitution and revise it."
+    )
+    reward_url: str | None = Field(
+        None, description="A reward model served by vLLM (pooling API) for best-of-n."
+    )
+    reward_model: str | None = Field(None, description="The reward model's served name.")
     cache_dir: Path = Field(
         Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "agentkit",
         description="Where converted models (ONNX, safetensors) are cached.",

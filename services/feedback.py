@@ -71,6 +71,9 @@ MIGRATIONS = [
 ]
 
 
+AI_LABELER = "ai:"  # labelers of AI feedback are ai:<model>
+
+
 @dataclass
 class PendingWrite:
     row: dict[str, Any]
@@ -196,13 +199,52 @@ class FeedbackStore:
         with self.database.read() as db:
             return int(db.execute(f"SELECT count(*) FROM feedback{where}", args).fetchone()[0])
 
-    def pairwise(self, owner: str | None = None) -> list[dict[str, str]]:
+    def add_rankings(self, rankings: list[dict[str, Any]]) -> list[int]:
+        """Record several rankings (``add_ranking``'s arguments as dicts) all or none: every
+        one is checked first, then all are written in one transaction."""
+        rows = []
+        for ranking in rankings:
+            order, ties = ranking["ranking"], ranking.get("ties") or []
+            if len(order) < 2 or len(set(order)) != len(order):
+                raise ValueError("a ranking needs at least two different completions")
+            if any(not set(g) <= set(order) or len(g) < 2 for g in ties):
+                raise ValueError("each tie group must name two or more completions of the ranking")
+            rows.append(
+                {
+                    "kind": "ranking",
+                    "prompt": ranking["prompt"],
+                    "ranking": json.dumps(order),
+                    "ties": json.dumps(ties),
+                    "labeler": ranking["labeler"],
+                    "comment": ranking.get("comment"),
+                    "owner": ranking.get("owner"),
+                }
+            )
+        ids = []
+        with self.database.transaction() as db:
+            for row in rows:
+                cursor = db.execute(
+                    f"INSERT INTO feedback ({', '.join(row)}, created) VALUES "
+                    f"({', '.join('?' * len(row))}, ?) RETURNING id",
+                    [*row.values(), time.time()],
+                )
+                ids.append(int(cursor.fetchone()[0]))
+        return ids
+
+    def pairwise(self, owner: str | None = None, kind: str = "all") -> list[dict[str, str]]:
         """Preference pairs, preferred completion first (``chosen``), from one snapshot.
 
-        ``owner=None`` exports everyone's records (admins); otherwise only that owner's. The list
-        is complete for the moment the read began: writes that land meanwhile are not in it.
+        ``owner=None`` exports everyone's records (admins); otherwise only that owner's. ``kind``
+        is ``human``, ``ai`` (labelers ``ai:<model>``, from ``agentkit feedback ai-label``) or
+        ``all``. The list is complete for the moment the read began: writes that land meanwhile
+        are not in it.
         """
+        if kind not in ("human", "ai", "all"):
+            raise ValueError("kind must be human, ai or all")
         where, args = ("", ()) if owner is None else (" AND owner = ?", (owner,))
+        if kind != "all":
+            where += f" AND labeler {'NOT ' if kind == 'human' else ''}LIKE ?"
+            args = (*args, AI_LABELER + "%")
         with self.database.snapshot() as db:  # both SELECTs read the same snapshot
             rankings = db.execute(
                 f"SELECT prompt, ranking, ties FROM feedback WHERE kind = 'ranking'{where} "
