@@ -21,7 +21,6 @@ import hashlib
 import itertools
 import json
 import math
-import sqlite3
 import threading
 import time
 import uuid
@@ -48,14 +47,7 @@ from agentkit.agents import (
 )
 from agentkit.errors import AgentkitError
 from agentkit.services.auth import AUTHORIZED, Caller
-from agentkit.services.feedback import (
-    BUSY_TIMEOUT_MS,
-    FeedbackStore,
-    to_pairs,
-    use_wal,
-    when_free,
-    write_transaction,
-)
+from agentkit.services.feedback import FeedbackStore, to_pairs
 from agentkit.services.schemas import (
     RankingFeedback,
     RatingFeedback,
@@ -63,22 +55,37 @@ from agentkit.services.schemas import (
     errors,
     whole_number,
 )
+from agentkit.services.storage import (
+    Connection,
+    Database,
+    Migration,
+    migrate,
+    open_database,
+    statements,
+)
 
-SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS labeling_tasks (
+MIGRATIONS = [
+    Migration(
+        1,
+        "tasks, their prompts and completions, rankings, the agent of a feedback row",
+        statements(
+            """CREATE TABLE IF NOT EXISTS labeling_tasks (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, agent TEXT NOT NULL, n INTEGER NOT NULL,
-    temperature REAL NOT NULL, labelers_per_prompt INTEGER NOT NULL, owner TEXT,
-    created REAL NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS labeling_items (
-    id INTEGER PRIMARY KEY, task_id TEXT NOT NULL REFERENCES labeling_tasks(id),
+    temperature {real} NOT NULL, labelers_per_prompt INTEGER NOT NULL, owner TEXT,
+    created {real} NOT NULL)""",
+            """CREATE TABLE IF NOT EXISTS labeling_items (
+    id {id}, task_id TEXT NOT NULL REFERENCES labeling_tasks(id),
     ordinal INTEGER NOT NULL, prompt TEXT NOT NULL,
     state TEXT NOT NULL CHECK (state IN ('pending', 'ready', 'failed')), error TEXT,
     completions TEXT, UNIQUE (task_id, ordinal))""",
-    """CREATE TABLE IF NOT EXISTS labeling_rankings (
-    id INTEGER PRIMARY KEY, item_id INTEGER NOT NULL REFERENCES labeling_items(id),
+            """CREATE TABLE IF NOT EXISTS labeling_rankings (
+    id {id}, item_id BIGINT NOT NULL REFERENCES labeling_items(id),
     labeler TEXT NOT NULL, owner TEXT, ranking TEXT NOT NULL, ties TEXT NOT NULL, reason TEXT,
-    feedback_id INTEGER NOT NULL, created REAL NOT NULL, UNIQUE (item_id, labeler))""",
-    "CREATE TABLE IF NOT EXISTS feedback_agents (feedback_id INTEGER PRIMARY KEY, agent TEXT)",
+    feedback_id BIGINT NOT NULL, created {real} NOT NULL, UNIQUE (item_id, labeler))""",
+            "CREATE TABLE IF NOT EXISTS feedback_agents (feedback_id BIGINT PRIMARY KEY, "
+            "agent TEXT)",
+        ),
+    )
 ]
 MAX_PROMPTS = 10_000
 MAX_PROMPT_CHARS = 100_000
@@ -249,27 +256,25 @@ def sample_completions(
 class LabelingStore:
     """Tasks, their prompts and completions, and rankings, in the feedback database."""
 
-    def __init__(self, feedback: FeedbackStore | Path | str) -> None:
-        path = Path(getattr(feedback, "path", feedback))  # a FeedbackStore, or any store with .path
+    def __init__(self, feedback: FeedbackStore | Database | Path | str) -> None:
+        """On ``feedback``'s database (a FeedbackStore, or anything with ``database`` or
+        ``path``), or on a Database, a SQLite path or a PostgreSQL URL of its own."""
+        target = getattr(feedback, "database", None) or getattr(feedback, "path", None) or feedback
+        self.database = open_database(target)
+        self._owns_database = self.database is not target
+        self.path = getattr(self.database, "path", None)
         if not isinstance(feedback, FeedbackStore):
-            FeedbackStore(path).close()  # the feedback table, as the feedback store makes it
-        self.path = path
-        self._db = sqlite3.connect(
-            path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
-        )
-        self._lock = threading.Lock()
+            FeedbackStore(self.database)  # the feedback table, as the feedback store makes it
+        self._lock = threading.Lock()  # guards the leases
         self._leases: dict[int, dict[str, float]] = defaultdict(dict)  # item → labeler → until
-        when_free(lambda: use_wal(self._db))
-        with self._writing() as db:
-            for statement in SCHEMA:
-                db.execute(statement)
+        migrate(self.database, "labeling", MIGRATIONS)
 
-    def _writing(self) -> AbstractContextManager[sqlite3.Connection]:
-        return write_transaction(self._db, self._lock)
+    def _writing(self) -> AbstractContextManager[Connection]:
+        return self.database.transaction()
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        with self.database.read() as db:
+            return db.execute(sql, args).fetchall()
 
     # --- tasks -----------------------------------------------------------------------------
 
@@ -309,7 +314,7 @@ class LabelingStore:
 
     def tasks(self) -> list[dict[str, Any]]:
         """Every task with its counts, newest first."""
-        ids = self._read("SELECT id FROM labeling_tasks ORDER BY created DESC, rowid DESC")
+        ids = self._read("SELECT id FROM labeling_tasks ORDER BY created DESC, id DESC")
         return [self.task(task_id) for (task_id,) in ids]
 
     def task(self, task_id: str) -> dict[str, Any]:
@@ -501,9 +506,9 @@ class LabelingStore:
                 owner=owner,
                 agent=agent,
             )
-            cursor = db.execute(
+            ranking_id = db.execute(
                 "INSERT INTO labeling_rankings (item_id, labeler, owner, ranking, ties, reason, "
-                "feedback_id, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "feedback_id, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (
                     item_id,
                     labeler,
@@ -514,10 +519,10 @@ class LabelingStore:
                     feedback_id,
                     time.time(),
                 ),
-            )
+            ).fetchone()[0]
         with self._lock:
             self._leases.get(item_id, {}).pop(labeler, None)
-        return {"id": cursor.lastrowid, "feedback_id": feedback_id, "labeler": labeler}
+        return {"id": ranking_id, "feedback_id": feedback_id, "labeler": labeler}
 
     def add_feedback(
         self,
@@ -570,7 +575,8 @@ class LabelingStore:
             raise LabelingError("rating must be 1 or -1")
         with self._writing() as db:
             found = db.execute(
-                "SELECT 1 FROM feedback WHERE id = ? AND kind = 'rating' AND owner IS ?",
+                "SELECT 1 FROM feedback WHERE id = ? AND kind = 'rating' "
+                "AND owner IS NOT DISTINCT FROM ?",
                 (feedback_id, owner),
             ).fetchone()
             if found is None:
@@ -584,14 +590,16 @@ class LabelingStore:
                 )
 
     @staticmethod
-    def _insert_feedback(db: sqlite3.Connection, *, agent: str | None, **row: Any) -> int:
+    def _insert_feedback(db: Connection, *, agent: str | None, **row: Any) -> int:
         """One row of ``FeedbackStore``'s table (and its agent) inside the caller's transaction."""
         row["created"] = time.time()
-        cursor = db.execute(
-            f"INSERT INTO feedback ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-            list(row.values()),
+        feedback_id = int(
+            db.execute(
+                f"INSERT INTO feedback ({', '.join(row)}) VALUES ({', '.join('?' * len(row))}) "
+                "RETURNING id",
+                list(row.values()),
+            ).fetchone()[0]
         )
-        feedback_id = int(cursor.lastrowid or 0)
         if agent:
             db.execute("INSERT INTO feedback_agents VALUES (?, ?)", (feedback_id, agent))
         return feedback_id
@@ -652,7 +660,7 @@ class LabelingStore:
         """Pairwise preferences (``{prompt, chosen, rejected}``) from the feedback records that
         match every filter given: ``owner`` (the key; None: everyone's), labeler, agent,
         created in [since, until), and from one task's rankings."""
-        where, args = ["1"], []
+        where, args = ["1 = 1"], []
         for clause, value in (
             ("f.owner = ?", owner),
             ("f.labeler = ?", labeler),
@@ -668,17 +676,13 @@ class LabelingStore:
             if value is not None:
                 where.append(clause)
                 args.append(value)
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                rows = self._db.execute(
-                    "SELECT f.kind, f.prompt, f.completion, f.rating, f.ranking, f.ties "
-                    "FROM feedback f LEFT JOIN feedback_agents a ON a.feedback_id = f.id "
-                    f"WHERE {' AND '.join(where)} ORDER BY f.id",
-                    args,
-                ).fetchall()
-            finally:
-                self._db.execute("COMMIT")
+        with self.database.snapshot() as db:
+            rows = db.execute(
+                "SELECT f.kind, f.prompt, f.completion, f.rating, f.ranking, f.ties "
+                "FROM feedback f LEFT JOIN feedback_agents a ON a.feedback_id = f.id "
+                f"WHERE {' AND '.join(where)} ORDER BY f.id",
+                args,
+            ).fetchall()
         rankings = [(p, r, t) for kind, p, _, _, r, t in rows if kind == "ranking"]
         ratings = [(p, c, v) for kind, p, c, v, _, _ in rows if kind == "rating"]
         return to_pairs(rankings, ratings)
@@ -695,8 +699,9 @@ class LabelingStore:
         return {"labelers": [r[0] for r in labelers], "agents": [r[0] for r in agents]}
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        """Close the database unless it came from the feedback store or was handed in."""
+        if self._owns_database:
+            self.database.close()
 
 
 def sample_task(

@@ -3,7 +3,7 @@ package: ``initdb`` and ``pg_ctl`` in a temporary folder, on a loopback port).
 
 PostgreSQL refuses to run as root: as root the server runs as the ``postgres`` user, in a
 folder that user owns. The tests that use it skip, saying why, where it cannot be had.
-``database(url)`` gives each test a fresh database of its own on that server.
+``new_database(url)`` gives each test a fresh database of its own on that server.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from agentkit.services.storage import Database, open_database
 
 
 def free_port() -> int:
@@ -100,7 +102,7 @@ def postgres_server() -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def database(server_url: str) -> str:
+def new_database(server_url: str) -> str:
     """A new, empty database on the server at ``server_url``: its URL."""
     import psycopg
 
@@ -113,4 +115,20 @@ def database(server_url: str) -> str:
 @pytest.fixture
 def postgres_url(postgres_server: str) -> str:
     """A fresh database of this test's own on the session's PostgreSQL server."""
-    return database(postgres_server)
+    return new_database(postgres_server)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a store keeps its records: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "state.sqlite")
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def database(target: str) -> Iterator[Database]:
+    """``target`` opened (and closed after the test)."""
+    db = open_database(target)
+    yield db
+    db.close()

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from pg_support import postgres_server, postgres_url  # noqa: F401
+from pg_support import database, postgres_server, postgres_url, target  # noqa: F401
 
 from agentkit.services.conversations import ConversationNotFound, ConversationStore
 from agentkit.services.feedback import FeedbackStore
@@ -25,21 +25,6 @@ from agentkit.services.storage import (
 )
 
 # ruff: noqa: F811  (the fixtures imported from pg_support are redefined as arguments)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Where a store keeps its records: a SQLite file, or a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        return str(tmp_path / "state.sqlite")
-    return request.getfixturevalue("postgres_url")
-
-
-@pytest.fixture
-def database(target: str):
-    db = open_database(target)
-    yield db
-    db.close()
 
 
 def test_feedback_contract(database: Database) -> None:
@@ -184,3 +169,33 @@ def test_a_sqlite_file_from_before_versions_is_upgraded_in_place(tmp_path: Path)
     assert conversations.owner_of("c") is None and len(conversations.history("c")) == 1
     assert schema_version(feedback.database, "feedback") == 3
     assert schema_version(feedback.database, "conversations") == 2
+
+
+def test_labeling_contract(database: Database) -> None:
+    from agentkit.services.labeling import LabelingStore, RankingConflict
+
+    feedback = FeedbackStore(database)
+    store = LabelingStore(feedback)
+    task = store.create_task(["p1", "p2"], agent="agentkit-rag", n=3, labelers_per_prompt=2,
+                             owner="alice")  # fmt: skip
+    assert (task["prompts"], task["pending"]) == (2, 2)
+    for item_id, prompt in store.pending(task["id"]):
+        store.set_completions(item_id, [f"{prompt}-a", f"{prompt}-b", f"{prompt}-c"])
+    served = store.next_item(task["id"], "ann")["item"]
+    ranked = store.add_ranking(served["id"], [0, 1, 2], labeler="ann", ties=[[1, 2]], owner="alice")
+    store.add_ranking(served["id"], [2, 1, 0], labeler="bob", owner="bob")
+    with pytest.raises(RankingConflict):
+        store.add_ranking(served["id"], [0, 1, 2], labeler="cy", owner="cy")
+    assert store.task(task["id"])["rankings"] == 2
+    assert store.agreement(task["id"])["prompts_compared"] == 1
+    rating = store.add_feedback(prompt="q", labeler="ann", agent="agentkit-pal", completion="x",
+                                rating=1, owner="alice")  # fmt: skip
+    store.update_feedback(rating, owner="alice", rating=-1, comment="on second thought")
+    with pytest.raises(Exception, match="no rating"):
+        store.update_feedback(rating, owner="bob", rating=1)
+    mine = store.export(owner="alice", task_id=task["id"])
+    assert [(p["chosen"], p["rejected"]) for p in mine] == [("p1-a", "p1-b"), ("p1-a", "p1-c")]
+    assert len(store.export()) == 2 + 3  # bob's ranking: three pairs; the rating has no pair
+    assert store.export_options("alice") == {"labelers": ["ann"], "agents": ["agentkit-pal",
+                                             "agentkit-rag"]}  # fmt: skip
+    assert feedback.count() == 3 and ranked["feedback_id"] >= 1
