@@ -415,13 +415,13 @@ def python_tool(sandbox: Sandbox | None = None) -> Any:
     (``python[17 * 23 + 4]``); the result, or the sandbox's error, is the observation."""
     from agentkit.tools.registry import tool
 
-    box = sandbox or Sandbox()
+    runner = sandbox or Sandbox()
 
     @tool(name="python")
     def run_python(code: str) -> str:
         """python[code]: run a def solution(): program or one expression in the sandbox."""
         program = code if "def solution" in code else f"def solution():\n    return ({code})\n"
-        result = box.run(program)
+        result = runner.run(program)
         if not result.ok:
             return f"Error ({result.error_type}): {result.error}"
         return json.dumps(result.value, ensure_ascii=False)
