@@ -395,6 +395,9 @@ def pal_command(
 
 eval_app = typer.Typer(help="Evaluate agents on public benchmarks.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
+ConcurrencyOption = Annotated[
+    int, typer.Option(min=1, max=64, help="Problems in flight at once (vLLM batches them).")
+]
 
 
 @eval_app.command("gsm8k")
@@ -403,6 +406,7 @@ def eval_gsm8k_command(
     limit: Annotated[int | None, typer.Option(min=1)] = None,
     mode: Annotated[str, typer.Option(help="pal or cot.")] = "pal",
     samples: Annotated[int, typer.Option(min=1, max=40)] = 1,
+    concurrency: ConcurrencyOption = 1,
     llm_url: LlmUrlOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -420,6 +424,7 @@ def eval_gsm8k_command(
             limit=limit,
             mode=mode,
             samples=samples,
+            concurrency=concurrency,
             progress=None
             if as_json
             else lambda i, n: errors.print(f"{i}/{n}", end="\r", highlight=False),
@@ -441,6 +446,7 @@ def eval_hotpotqa_command(
     ] = None,
     no_structured: Annotated[bool, typer.Option(help="Parse steps without a regex.")] = False,
     max_steps: Annotated[int, typer.Option(min=1, max=50)] = 8,
+    concurrency: ConcurrencyOption = 1,
     llm_url: LlmUrlOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -461,6 +467,7 @@ def eval_hotpotqa_command(
             mode=mode,
             structured=not no_structured,
             max_steps=max_steps,
+            concurrency=concurrency,
         )
     if as_json:
         print_json(report)
@@ -583,18 +590,25 @@ def serve_command(
     index: IndexOption = None,
     llm_url: LlmUrlOption = None,
     with_model: Annotated[bool, typer.Option(help="Start the embedded model server too.")] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=256, help="Worker processes (AGENTKIT_API_WORKERS); they share the database."
+        ),
+    ] = None,
 ) -> None:
     """Serve the chat REST API (OpenAI-compatible) over the index and the model.
 
     SIGTERM or Ctrl-C stops it: open chat requests get AGENTKIT_API_SHUTDOWN_GRACE_S more
     seconds, then streams end with an error event; a second signal exits at once (status 1).
+    With --workers N, N processes serve the port and share conversations, feedback, keys, jobs
+    and rate limits through the database (AGENTKIT_DATABASE_URL, else the SQLite files).
     """
     from agentkit.llm import connect
     from agentkit.retrievers import Index
     from agentkit.services.api import ApiConfig, create_app, serve
-    from agentkit.services.conversations import ConversationStore
-    from agentkit.services.feedback import FeedbackStore
     from agentkit.services.model_server import ModelServer, ServeOptions
+    from agentkit.services.workers import open_stores, serve_workers
 
     server = None
     clean = True
@@ -604,20 +618,28 @@ def serve_command(
             server = ModelServer(ServeOptions(port=settings.model_port), settings.cache_dir)
             stack.callback(lambda: server.stop(grace_s=20.0 if clean else 0.0))  # type: ignore[union-attr]
             settings = get_settings(llm_url=server.start())
+        if workers and workers > 1 or settings.api_workers > 1:
+            environment = {"AGENTKIT_API_WORKERS": str(workers or settings.api_workers)}
+            if index:
+                environment["AGENTKIT_INDEX"] = str(Path(index).resolve())
+            if settings.llm_url:
+                environment["AGENTKIT_LLM_URL"] = settings.llm_url
+            settings = get_settings(api_workers=workers, llm_url=settings.llm_url)
+            serve_workers(settings, host, port, environment=environment)
+            return
         opened = None
         if index or settings.index.exists():
             opened = Index.open(index, settings=settings)
-        feedback = FeedbackStore(settings.feedback_db)
-        stack.callback(feedback.close)
-        conversations = ConversationStore(settings.conversations_db)
-        stack.callback(conversations.close)
+        stores = open_stores(settings)
+        stack.callback(stores.close)
         app_ = create_app(
             connect(settings),
             opened,
-            feedback=feedback,
+            feedback=stores.feedback,
             config=ApiConfig.from_settings(settings),
-            conversations=conversations,
+            conversations=stores.conversations,
             settings=settings,
+            shared=stores.shared,
         )
         # A forced exit must not leave the model server behind: it runs in a session of its own.
         clean = serve(app_, host, port, on_forced_exit=server and partial(server.stop, grace_s=0))
@@ -714,7 +736,8 @@ def labeling_store() -> Iterator[Any]:
     from agentkit.services.feedback import FeedbackStore
     from agentkit.services.labeling import LabelingStore
 
-    feedback = FeedbackStore(get_settings().feedback_db)
+    settings = get_settings()
+    feedback = FeedbackStore(settings.database_url or settings.feedback_db)
     try:
         store = LabelingStore(feedback)
         try:

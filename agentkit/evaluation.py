@@ -8,9 +8,10 @@ import re
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from agentkit.errors import InvalidPathError
 from agentkit.llm import ChatModel
@@ -19,6 +20,38 @@ from agentkit.prompts import load_messages
 from agentkit.tools.sandbox import Sandbox
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+CITATION = re.compile(r"\s*\[\d+(?:\s*[,;]\s*\d+)*\]")
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+def map_in_order(
+    score: Callable[[Item], Result],
+    items: Sequence[Item],
+    *,
+    concurrency: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Result]:
+    """``score`` of every item, ``concurrency`` at a time (threads; the model server batches the
+    requests that arrive together), results in the items' order whatever order they finish in."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+    results: list[Result] = []
+    if concurrency == 1:
+        for item in items:
+            results.append(score(item))
+            if progress:
+                progress(len(results), len(items))
+        return results
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="eval") as pool:
+        futures = [pool.submit(score, item) for item in items]
+        done = 0
+        for future in futures:
+            results.append(future.result())
+            done += 1
+            if progress:
+                progress(done, len(items))
+    return results
 
 
 def load_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
@@ -61,13 +94,16 @@ def eval_gsm8k(
     limit: int | None = None,
     mode: str = "pal",
     samples: int = 1,
+    concurrency: int = 1,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
+    if mode not in ("pal", "cot"):
+        raise ValueError(f"unknown mode {mode!r}: use pal or cot")
     rows = load_jsonl(data, limit)
-    records = []
     sandbox = Sandbox() if mode == "pal" else None
     pal = PAL(model, sandbox, samples=samples) if sandbox else None
-    for i, row in enumerate(rows):
+
+    def score(row: dict[str, Any]) -> dict[str, Any]:
         gold = gold_number(row["answer"])
         started = time.perf_counter()
         record: dict[str, Any] = {"question": row["question"], "gold": gold}
@@ -80,20 +116,22 @@ def eval_gsm8k(
                 program=answer.program,
                 repaired=any(s.repaired for s in answer.samples),
             )
-        elif mode == "cot":
+        else:
             messages = load_messages("cot_gsm8k", question=row["question"])
             reply = model.complete(messages, temperature=0.0, max_tokens=400).text
             predicted = last_number(reply)
             record.update(predicted=predicted, error_type=None, reply=reply)
-        else:
-            raise ValueError(f"unknown mode {mode!r}: use pal or cot")
         record["correct"] = same_number(predicted, gold)
         record["latency_s"] = time.perf_counter() - started
-        records.append(record)
-        if progress:
-            progress(i + 1, len(rows))
-    if sandbox:
-        sandbox.close()
+        return record
+
+    started = time.perf_counter()
+    try:
+        records = map_in_order(score, rows, concurrency=concurrency, progress=progress)
+    finally:
+        if sandbox:
+            sandbox.close()
+    wall_s = time.perf_counter() - started
     n = len(records)
     errors = [r for r in records if r.get("error_type")]
     return {
@@ -105,6 +143,8 @@ def eval_gsm8k(
         "timeouts": sum(r["error_type"] == "timeout" for r in errors),
         "repaired": sum(bool(r.get("repaired")) for r in records),
         "mean_latency_s": statistics.fmean(r["latency_s"] for r in records) if n else 0.0,
+        "concurrency": concurrency,
+        "problems_per_minute": 60 * n / wall_s if wall_s > 0 else 0.0,
         "records": records,
     }
 
@@ -137,8 +177,16 @@ def load_hotpotqa(path: Path, limit: int | None = None) -> tuple[list[dict[str, 
     return (rows[:limit] if limit else rows), docs
 
 
+def strip_citations(text: str) -> str:
+    """The answer without its ``[n]`` / ``[1, 2]`` source markers ("Some Title [4]." -> "Some
+    Title.")."""
+    return CITATION.sub("", text)
+
+
 def normalize_answer(text: str) -> str:
-    """SQuAD/HotpotQA normalisation: lower case, no punctuation, articles or extra spaces."""
+    """SQuAD/HotpotQA normalisation after the citation markers are stripped: lower case, no
+    punctuation, articles or extra spaces."""
+    text = strip_citations(text)
     text = re.sub(
         r"\b(a|an|the)\b", " ", "".join(c for c in text.lower() if c.isalnum() or c.isspace())
     )
@@ -165,6 +213,7 @@ def eval_hotpotqa(
     mode: str = "react",
     structured: bool = True,
     max_steps: int = 8,
+    concurrency: int = 1,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     from agentkit.rag import RAG
@@ -177,8 +226,8 @@ def eval_hotpotqa(
     with Index.open_or_create(index_path) as index:
         if index.stats().get("documents", 0) == 0:
             index.add_documents(docs)
-        records = []
-        for i, item in enumerate(questions):
+
+        def score(item: dict[str, Any]) -> dict[str, Any]:
             started = time.perf_counter()
             record: dict[str, Any] = {
                 "question": item["question"],
@@ -204,7 +253,7 @@ def eval_hotpotqa(
                 answer = RAG(index, model, max_tokens=60, min_similarity=0.0).ask(
                     item["question"] + " Answer with a short phrase."
                 )
-                record["prediction"] = re.sub(r"\s*\[\d+\]", "", answer.text).strip().rstrip(".")
+                record["prediction"] = strip_citations(answer.text).strip().rstrip(".")
             else:
                 reply = model.complete(
                     load_messages("cot_hotpotqa", question=item["question"]),
@@ -218,9 +267,11 @@ def eval_hotpotqa(
             )
             record["f1"] = f1_score(record["prediction"], item["answer"])
             record["latency_s"] = time.perf_counter() - started
-            records.append(record)
-            if progress:
-                progress(i + 1, len(questions))
+            return record
+
+        started = time.perf_counter()
+        records = map_in_order(score, questions, concurrency=concurrency, progress=progress)
+        wall_s = time.perf_counter() - started
     n = len(records) or 1
     return {
         "mode": mode,
@@ -232,5 +283,7 @@ def eval_hotpotqa(
         "fallbacks": sum(r["fallback"] for r in records),
         "mean_steps": sum(r["steps"] for r in records) / n,
         "mean_latency_s": sum(r["latency_s"] for r in records) / n,
+        "concurrency": concurrency,
+        "problems_per_minute": 60 * len(records) / wall_s if wall_s > 0 else 0.0,
         "records": records,
     }
