@@ -62,6 +62,33 @@ def tokens_embedded(index: Path) -> int:
         return int(db.execute("SELECT sum(n_tokens) + 2 * count(*) FROM chunks").fetchone()[0])
 
 
+def embedding_runtime() -> dict:
+    """What ran the embeddings: the backend setting and the runtimes' versions and threads (the
+    per-machine differences in this benchmark's figures come from here and from the CPU)."""
+    import importlib.metadata
+    import os
+
+    import torch
+
+    from agentkit.settings import get_settings
+
+    def version(dist: str) -> str | None:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "backend_setting": get_settings().embedding_backend,
+        "onnxruntime": version("onnxruntime"),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cores_available": cores,
+        "onnx_sessions": min(2, max(1, cores or 1)),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
@@ -86,6 +113,7 @@ def main() -> None:
         "indexing",
         {
             "folder": str(args.folder),
+            "embedding_runtime": embedding_runtime(),
             "langchain": baseline,
             "agentkit_cold": {
                 "chunks": cold.chunks_embedded,
