@@ -262,13 +262,26 @@ app.add_typer(model_app, name="model")
 @model_app.command("prepare")
 def model_prepare_command(
     name: Annotated[str | None, typer.Argument(help="Embedded model (default: CPU one).")] = None,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="int8: also build the W8A8 checkpoint. Default: AGENTKIT_MODEL_PRECISION."
+        ),
+    ] = None,
 ) -> None:
     """Assemble, verify (sha256) and convert the embedded model for vLLM; cached, idempotent."""
     from agentkit.services.model_prepare import prepare_model
 
+    if quantize not in (None, "int8", "float32"):
+        errors.print(f"[bold red]error:[/] --quantize must be int8 (or float32), not {quantize!r}")
+        raise typer.Exit(2)
     with reported_errors():
+        settings = get_settings()
         folder = prepare_model(
-            get_settings().cache_dir, name, report=lambda m: errors.print(m, highlight=False)
+            settings.cache_dir,
+            name,
+            report=lambda m: errors.print(m, highlight=False),
+            quantize=quantize or settings.model_precision,
         )
     console.print(str(folder), highlight=False)
 
@@ -288,6 +301,15 @@ def model_serve_command(
     ] = None,
     dtype: Annotated[str | None, typer.Option(help="Default: float32 on CPU, auto on GPU.")] = None,
     max_restarts: Annotated[int, typer.Option(min=0)] = 3,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="Embedded model: float32 or int8 (W8A8). Default: AGENTKIT_MODEL_PRECISION."
+        ),
+    ] = None,
+    force_int8: Annotated[
+        bool, typer.Option(help="Serve int8 even on a CPU where it is slower than float32.")
+    ] = False,
 ) -> None:
     """Start vLLM's OpenAI-compatible server, wait until healthy, supervise it until Ctrl-C."""
     import signal as signals
@@ -296,6 +318,9 @@ def model_serve_command(
 
     if device not in ("auto", "cpu", "cuda"):
         errors.print(f"[bold red]error:[/] --device must be auto, cpu or cuda, not {device!r}")
+        raise typer.Exit(2)
+    if precision not in (None, "float32", "int8"):
+        errors.print(f"[bold red]error:[/] --precision must be float32 or int8, not {precision!r}")
         raise typer.Exit(2)
     with reported_errors():
         settings = get_settings()
@@ -311,6 +336,9 @@ def model_serve_command(
             dtype=dtype,
             max_restarts=max_restarts,
             tool_call_parser=tool_call_parser,
+            # the setting is for the embedded model; a model of your own is served as it is
+            precision=precision or ("float32" if model else settings.model_precision),  # type: ignore[arg-type]
+            force_int8=force_int8,
         )
         server = ModelServer(options, settings.cache_dir)
         signals.signal(signals.SIGTERM, lambda *_: server.stop())

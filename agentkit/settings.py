@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     llm_timeout_s: float = Field(300.0, gt=0, description="Per-request read timeout.")
     llm_max_retries: int = Field(3, ge=0, description="Retries on connection errors, 429, 5xx.")
     model_port: int = Field(8000, ge=1, le=65535, description="Port of `agentkit model serve`.")
+    model_precision: Literal["float32", "int8"] = Field(
+        "float32",
+        description="The embedded model `agentkit model prepare` builds and `model serve` serves: "
+        "float32, or int8 (W8A8; faster only on CPUs with VNNI).",
+    )
     rag_k: int = Field(5, ge=1, le=50, description="Sources retrieved per question.")
     rag_max_tokens: int = Field(384, ge=16, description="Longest answer, in model tokens.")
     rag_min_similarity: float = Field(

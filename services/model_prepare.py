@@ -111,12 +111,93 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def int8_dir(cache_dir: Path, model: EmbeddedModel = DEFAULT_MODEL) -> Path:
+    from agentkit.services.model_quantize import SUFFIX
+
+    return Path(cache_dir).expanduser() / "models" / f"{model.name}{SUFFIX}"
+
+
+def is_quantized(cache_dir: Path, model: EmbeddedModel = DEFAULT_MODEL) -> bool:
+    try:
+        stamp = json.loads((int8_dir(cache_dir, model) / STAMP).read_text())
+        return stamp["sha256"] == model.sha256 and stamp["precision"] == "int8"
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def replace_folder(new: Path, final: Path) -> None:
+    """Put ``new`` at ``final``; a folder already there is kept until ``new`` is in place."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    try:
+        new.rename(final)
+    except OSError:
+        if old.exists():
+            old.rename(final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def quantize_model(
+    cache_dir: Path,
+    model: EmbeddedModel = DEFAULT_MODEL,
+    report: Callable[[str], None] = lambda message: None,
+) -> Path:
+    """Return the int8 W8A8 folder of an embedded model, quantizing the float32 one on first use.
+
+    Written beside the float32 folder through a scratch folder: a failure leaves the float32
+    model and any earlier int8 model as they were, and says what failed."""
+    from agentkit.services.model_quantize import quantize_folder
+
+    final = int8_dir(cache_dir, model)
+    if is_quantized(cache_dir, model):
+        return final
+    source = prepare_model(cache_dir, model.name, report)
+    work = final.parent / f".{final.name}.prepare"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        started = time.perf_counter()
+        report("quantizing to int8 W8A8 (per-channel weights, per-token activations; ~30 s)")
+        out = work / "model"
+        try:
+            quantize_folder(source, out, report=report)
+        except ModelPrepareError:
+            raise
+        except (OSError, RuntimeError, ValueError, ImportError) as error:
+            raise ModelPrepareError(
+                f"quantizing {source} to int8 failed ({type(error).__name__}: {error}); the "
+                f"float32 model and any earlier int8 model are unchanged. Serve float32 with "
+                f"`agentkit model serve --precision float32`"
+            ) from error
+        stamp = {
+            "name": model.name,
+            "sha256": model.sha256,
+            "precision": "int8",
+            "scheme": "W8A8 (compressed-tensors int-quantized)",
+            "served_name": final.name,
+        }
+        (out / STAMP).write_text(json.dumps(stamp, indent=2))
+        replace_folder(out, final)
+        report(f"prepared {final} in {time.perf_counter() - started:.0f} s")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
 def prepare_model(
     cache_dir: Path,
     name: str | None = None,
     report: Callable[[str], None] = lambda message: None,
+    *,
+    quantize: str | None = None,
 ) -> Path:
-    """Return the safetensors folder of an embedded model, building it on first use."""
+    """Return the safetensors folder of an embedded model, building it on first use;
+    ``quantize="int8"`` returns (and builds) its int8 W8A8 folder instead."""
+    if quantize not in (None, "float32", "int8"):
+        raise ModelPrepareError(f"unknown quantization {quantize!r}: use int8 (or float32)")
     model = EMBEDDED_MODELS.get(name or DEFAULT_MODEL.name)
     if model is None:
         known = ", ".join(EMBEDDED_MODELS)
@@ -125,6 +206,8 @@ def prepare_model(
             "To serve any other model, pass its Hugging Face name or folder to "
             "`agentkit model serve --model`."
         )
+    if quantize == "int8":
+        return quantize_model(cache_dir, model, report)
     final = model_dir(cache_dir, model)
     if is_prepared(cache_dir, model):
         return final
@@ -144,8 +227,7 @@ def prepare_model(
         convert_gguf(gguf_path, out)
         stamp = {"name": model.name, "sha256": model.sha256, "served_name": model.served_name}
         (out / STAMP).write_text(json.dumps(stamp, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        out.rename(final)
+        replace_folder(out, final)
         report(f"prepared {final} in {time.perf_counter() - started:.0f} s")
     finally:
         shutil.rmtree(work, ignore_errors=True)

