@@ -646,13 +646,14 @@ def serve_command(
             server = ModelServer(ServeOptions(port=settings.model_port), settings.cache_dir)
             stack.callback(lambda: server.stop(grace_s=20.0 if clean else 0.0))  # type: ignore[union-attr]
             settings = get_settings(llm_url=server.start())
-        if workers and workers > 1 or settings.api_workers > 1:
-            environment = {"AGENTKIT_API_WORKERS": str(workers or settings.api_workers)}
+        count = workers or settings.api_workers
+        if count > 1:
+            environment = {"AGENTKIT_API_WORKERS": str(count)}
             if index:
                 environment["AGENTKIT_INDEX"] = str(Path(index).resolve())
             if settings.llm_url:
                 environment["AGENTKIT_LLM_URL"] = settings.llm_url
-            settings = get_settings(api_workers=workers, llm_url=settings.llm_url)
+            settings = get_settings(api_workers=count, llm_url=settings.llm_url)
             serve_workers(settings, host, port, environment=environment)
             return
         opened = None
@@ -747,6 +748,71 @@ def chat_command(
         state["sources"] = sources
         state["history"].append((line, text))
         console.print(text, highlight=False, markup=False)
+
+
+keys_app = typer.Typer(
+    help="API keys kept in the database (beside AGENTKIT_API_KEYS): add, list, revoke.",
+    no_args_is_help=True,
+)
+app.add_typer(keys_app, name="keys")
+
+
+@contextmanager
+def key_store() -> Iterator[Any]:
+    """The keys of AGENTKIT_DATABASE_URL, else of AGENTKIT_STATE_DB."""
+    from agentkit.services.keys import KeyStore
+
+    settings = get_settings()
+    store = KeyStore(settings.database_url or settings.state_db)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@keys_app.command("add")
+def keys_add_command(
+    name: Annotated[str, typer.Argument(help="Who the key is for; owns what it makes.")],
+    role: Annotated[str, typer.Option(help="user or admin.")] = "user",
+    as_json: JsonOption = False,
+) -> None:
+    """Make a key for NAME and print it, once: only its hash is stored."""
+    from agentkit.services.auth import parse_api_keys
+
+    with reported_errors(), key_store() as store:
+        configured = (get_settings().api_keys or "").split(",")
+        taken = tuple(k.name for k in parse_api_keys([e for e in configured if e.strip()]))
+        key = store.add(name, role, taken=taken)
+    if as_json:
+        print_json({"name": name, "role": role, "key": key})
+        return
+    console.print(f"{key}", highlight=False, markup=False)
+    errors.print(f"key for {name} ({role}); it is not shown again: keep it now", highlight=False)
+
+
+@keys_app.command("list")
+def keys_list_command(
+    revoked: Annotated[bool, typer.Option(help="Show revoked keys too.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """The keys in the database (never the keys themselves)."""
+    with reported_errors(), key_store() as store:
+        keys = store.list(revoked=revoked)
+    if as_json:
+        print_json([k.to_dict() for k in keys])
+        return
+    for k in keys:
+        made = time.strftime("%Y-%m-%d %H:%M", time.localtime(k.created))
+        state = " revoked" if k.revoked else ""
+        console.print(f"{k.name}\t{k.role}\t{made}{state}", highlight=False, markup=False)
+
+
+@keys_app.command("revoke")
+def keys_revoke_command(name: Annotated[str, typer.Argument()]) -> None:
+    """Revoke NAME's key (workers notice within a few seconds); its records stay."""
+    with reported_errors(), key_store() as store:
+        store.revoke(name)
+    errors.print(f"revoked the key of {name}", highlight=False)
 
 
 feedback_app = typer.Typer(help="Human feedback: labeling tasks.", no_args_is_help=True)

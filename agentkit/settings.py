@@ -104,6 +104,20 @@ class Settings(BaseSettings):
     feedback_db: Path = Field(
         Path(".agentkit/feedback.sqlite"), description="Where the API stores human feedback."
     )
+    state_db: Path = Field(
+        Path(".agentkit/state.sqlite"),
+        description="API keys added with `agentkit keys add`, and with several workers the "
+        "document jobs, rate-limit counts and upload owners they share.",
+    )
+    database_url: str | None = Field(
+        None,
+        description="postgresql://user:password@host:port/db: conversations, feedback, "
+        "labeling, keys, jobs and rate limits in PostgreSQL, for several workers and replicas; "
+        "unset: the SQLite files above.",
+    )
+    api_workers: int = Field(
+        1, ge=1, le=256, description="API worker processes of `agentkit serve` (--workers)."
+    )
     constitution: Path | None = Field(
         None, description="Constitution file (Markdown principles); unset: the default one."
     )

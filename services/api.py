@@ -48,6 +48,7 @@ from agentkit.services.routes.documents import documents_router
 from agentkit.services.routes.feedback import feedback_router
 from agentkit.services.routes.meta import meta_router
 from agentkit.services.schemas import ERROR_KINDS, error_body, error_status
+from agentkit.services.shared_state import SharedState
 from agentkit.tools.sandbox import Sandbox
 
 if TYPE_CHECKING:
@@ -70,12 +71,15 @@ def create_app(
     sandbox: Sandbox | None = None,
     conversations: ConversationStore | None = None,
     settings: Settings | None = None,
+    shared: SharedState | None = None,
 ) -> FastAPI:
     """The API over ``model`` and ``index``; ``settings`` (default: read now) configure the
-    agents, e.g. ``AGENTKIT_RAG_*``; ``config`` the API itself."""
+    agents, e.g. ``AGENTKIT_RAG_*``; ``config`` the API itself; ``shared``: the keys, jobs,
+    rate-limit counts and upload owners kept in the database (workers and replicas)."""
 
     config = config or ApiConfig()
-    state = build_state(model, index, feedback, config, sandbox, conversations, settings)
+    shared = shared or SharedState()
+    state = build_state(model, index, feedback, config, sandbox, conversations, settings, shared)
     stopping = state.stopping
 
     @asynccontextmanager
@@ -99,8 +103,13 @@ def create_app(
     app.state.api = state
     app.state.model, app.state.index, app.state.metrics = model, index, state.metrics
     app.state.shutdown = stopping
-    app.state.authorize = key_checker(config.keys, RateLimiter(config.rate_limit_per_minute))
-    app.state.protect_docs = protect_docs(config)
+    app.state.authorize = key_checker(
+        config.keys,
+        shared.limiter or RateLimiter(config.rate_limit_per_minute),
+        shared.keys,
+        in_database=shared.limiter is not None and shared.limiter.per_minute > 0,
+    )
+    app.state.protect_docs = protect_docs(config, shared)
 
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -141,6 +150,7 @@ def build_state(
     sandbox: Sandbox | None,
     conversations: ConversationStore | None,
     settings: Settings | None,
+    shared: SharedState,
 ) -> ApiState:
     from agentkit.settings import get_settings
 
@@ -150,7 +160,7 @@ def build_state(
     uploads = None
     if upload_root is not None:
         upload_root.mkdir(parents=True, exist_ok=True)
-        uploads = UploadOwners(upload_root)
+        uploads = shared.uploads or UploadOwners(upload_root)
     document_roots = [Path(r).resolve() for r in config.document_roots]
     state = ApiState(
         config=config,
@@ -158,7 +168,7 @@ def build_state(
         context=context,
         metrics=Metrics(),
         stopping=Shutdown(config.shutdown_grace_s),
-        jobs=JobRunner(),
+        jobs=JobRunner(store=shared.jobs),
         feedback=feedback,
         conversations=conversations,
         upload_root=upload_root,
@@ -175,9 +185,12 @@ def build_state(
     return state
 
 
-def protect_docs(config: ApiConfig) -> bool:
-    """Whether /metrics and the API's docs need a key: as configured, else when keys are set."""
-    return bool(config.keys) if config.protect_docs is None else config.protect_docs
+def protect_docs(config: ApiConfig, shared: SharedState | None = None) -> bool:
+    """Whether /metrics and the API's docs need a key: as configured, else when keys are set
+    (in settings, or in the database as the app starts)."""
+    if config.protect_docs is not None:
+        return config.protect_docs
+    return bool(config.keys) or bool(shared and shared.keys and shared.keys.any_active())
 
 
 def add_error_handlers(app: FastAPI, state: ApiState) -> None:

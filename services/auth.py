@@ -3,17 +3,21 @@ dependencies that ask for one (a key, an admin key, a key when the docs are prot
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import inspect
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from fastapi import Depends, Request
 from starlette.exceptions import HTTPException
 
 from agentkit.errors import ConfigError
-from agentkit.services.ratelimit import RateLimiter
+
+if TYPE_CHECKING:
+    from agentkit.services.keys import KeyStore
 
 ROLES = ("admin", "user")
 
@@ -94,24 +98,52 @@ def parse_api_keys(entries: Iterable[str | ApiKey]) -> tuple[ApiKey, ...]:
     return tuple(keys)
 
 
-def key_checker(keys: tuple[ApiKey, ...], limiter: RateLimiter) -> Callable[[Request], Caller]:
-    """What checks a request's bearer key: its Caller, a 401 without a valid key, a 429 over
-    ``limiter``'s rate. With no keys, everyone is ANONYMOUS."""
+class Limiter(Protocol):
+    def allow(self, key: str) -> bool: ...
 
-    def authorize(request: Request) -> Caller:
-        if not keys:
-            return ANONYMOUS
+
+def key_checker(
+    keys: tuple[ApiKey, ...],
+    limiter: Limiter,
+    stored: KeyStore | None = None,
+    *,
+    in_database: bool = False,
+) -> Callable[[Request], Caller | Awaitable[Caller]]:
+    """What checks a request's bearer key: its Caller, a 401 without a valid key, a 429 over
+    ``limiter``'s rate. Keys are those of settings (``keys``) and, with ``stored``, those kept in
+    the database (``agentkit keys add``). With no key anywhere, everyone is ANONYMOUS.
+
+    ``in_database``: the limiter counts in the database too; the check then runs in a thread,
+    off the event loop, as does any check that may read the database (not one that matches a
+    settings key on an API without a database limiter)."""
+
+    def check(request: Request) -> Caller:
         header = request.headers.get("authorization", "")
-        token = (header[7:] if header.lower().startswith("bearer ") else "").encode()
+        text = header[7:] if header.lower().startswith("bearer ") else ""
+        token = text.encode()
         found = None
         for entry in keys:  # every key is compared, so timing tells nothing
             if hmac.compare_digest(token, entry.key.encode()):
-                found = entry
+                found = Caller(entry.name, entry.role)
+        if found is None and stored is not None:
+            if not keys and not stored.any_active():
+                return ANONYMOUS
+            if text:  # looked up by its hash: the lookup's timing tells nothing of the key
+                hit = stored.find(text)
+                found = Caller(hit.name, hit.role) if hit is not None else None
+        elif found is None and not keys:
+            return ANONYMOUS
         if found is None:
             raise HTTPException(401, "missing or invalid API key: send Authorization: Bearer KEY")
         if not limiter.allow(found.name):
             raise HTTPException(429, "rate limit reached for this API key; retry in a minute")
-        return Caller(found.name, found.role)
+        return found
+
+    if stored is None and not in_database:
+        return check
+
+    async def authorize(request: Request) -> Caller:
+        return await asyncio.to_thread(check, request)
 
     return authorize
 
@@ -119,7 +151,8 @@ def key_checker(keys: tuple[ApiKey, ...], limiter: RateLimiter) -> Callable[[Req
 async def current_caller(request: Request) -> Caller:
     """The caller making ``request`` (a FastAPI dependency): 401 without a valid key, 429 over
     the rate limit. Async: a key check is quick, and on the event loop it costs no pool thread."""
-    return request.app.state.authorize(request)
+    caller = request.app.state.authorize(request)
+    return await caller if inspect.isawaitable(caller) else caller
 
 
 AUTHORIZED = Depends(current_caller)

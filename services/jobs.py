@@ -6,16 +6,21 @@ import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from agentkit.services.shared_state import JobStore
 
 
 class JobRunner:
     """Index jobs in the background, a thread each. A job's record (``id``, ``kind``, ``owner``,
     ``state``: running, done or failed, ``summary`` or ``error``) is kept by id; ``report``
-    rewrites what a record shows (e.g. absolute paths made relative)."""
+    rewrites what a record shows (e.g. absolute paths made relative). With a ``store``
+    (``JobStore``) the records live in the database, so every worker and replica sees them."""
 
-    def __init__(self, report: Callable[[str], str] = str) -> None:
+    def __init__(self, report: Callable[[str], str] = str, store: JobStore | None = None) -> None:
         self.report = report
+        self.store = store
         self._jobs: dict[str, dict[str, Any]] = {}
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -25,7 +30,10 @@ class JobRunner:
         job_id = uuid.uuid4().hex[:16]
         record = {"id": job_id, "kind": kind, "owner": owner, "state": "running",
                   "summary": None, "error": None}  # fmt: skip
-        self._jobs[job_id] = record
+        if self.store is not None:
+            self.store.create(job_id, kind, owner)
+        else:
+            self._jobs[job_id] = record
 
         def run() -> None:
             try:
@@ -35,6 +43,8 @@ class JobRunner:
                 record.update(state="done", summary=summary)
             except Exception as error:  # the job reports it; the server stays up
                 record.update(state="failed", error=self.report(str(error)) or type(error).__name__)
+            if self.store is not None:
+                self.store.finish(job_id, summary=record["summary"], error=record["error"])
 
         thread = threading.Thread(target=run, name=f"index-{job_id}", daemon=True)
         with self._lock:
@@ -43,6 +53,8 @@ class JobRunner:
         return dict(record)
 
     def get(self, job_id: str) -> dict[str, Any] | None:
+        if self.store is not None:
+            return self.store.get(job_id)
         record = self._jobs.get(job_id)
         return dict(record) if record is not None else None
 

@@ -19,9 +19,11 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agentkit.services.keys import KeyStore
 from agentkit.services.storage import Database, Migration, migrate, open_database, statements
 
 MIGRATIONS = [
@@ -136,3 +138,15 @@ class UploadOwnerStore(SharedStore):
                     "ON CONFLICT (name) DO UPDATE SET owner = excluded.owner",
                     (name, owner),
                 )
+
+
+@dataclass
+class SharedState:
+    """What ``create_app`` shares with the other workers and replicas through the database:
+    keys added with ``agentkit keys add``, and (with several workers) jobs, rate-limit counts
+    and upload owners. A field left None keeps that state in the process, as one worker may."""
+
+    keys: KeyStore | None = None
+    jobs: JobStore | None = None
+    limiter: SharedRateLimiter | None = None
+    uploads: UploadOwnerStore | None = None

@@ -3,6 +3,8 @@ On SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from pg_support import database, postgres_server, postgres_url, target  # noqa: F401
 
@@ -66,3 +68,29 @@ def test_a_worker_remembers_a_lookup_for_a_short_while(database: Database) -> No
     assert cached.find(key) is not None  # until cache_s has passed (or forget())
     cached.forget()
     assert cached.find(key) is None
+
+
+def test_the_keys_commands_print_a_key_once_list_and_revoke(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from agentkit.cli import app
+
+    monkeypatch.setenv("AGENTKIT_STATE_DB", str(tmp_path / "state.sqlite"))
+    monkeypatch.setenv("AGENTKIT_API_KEYS", "ops:admin:settings-key")
+    monkeypatch.delenv("AGENTKIT_DATABASE_URL", raising=False)
+    runner = CliRunner()
+    added = runner.invoke(app, ["keys", "add", "alice", "--role", "admin", "--json"])
+    assert added.exit_code == 0, added.output
+    key = json.loads(added.stdout)["key"]
+    found = KeyStore(tmp_path / "state.sqlite").find(key)
+    assert found is not None and found.role == "admin"
+    listed = runner.invoke(app, ["keys", "list"])
+    assert listed.stdout.split()[:2] == ["alice", "admin"] and key not in listed.stdout
+    taken = runner.invoke(app, ["keys", "add", "ops"])
+    assert taken.exit_code == 1 and "AGENTKIT_API_KEYS" in taken.output
+    assert runner.invoke(app, ["keys", "revoke", "alice"]).exit_code == 0
+    assert runner.invoke(app, ["keys", "list", "--json"]).stdout.strip() == "[]"
+    again = runner.invoke(app, ["keys", "revoke", "alice"])
+    assert again.exit_code == 1 and "no key named 'alice'" in again.output

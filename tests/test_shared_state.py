@@ -57,3 +57,25 @@ def test_upload_owners_are_shared(database: Database, target: str) -> None:
     first.set("a.md", None)
     assert second.owner_of("a.md") is None
     second.close()
+
+
+def test_a_job_runner_on_the_database_reports_to_every_worker(
+    database: Database, target: str
+) -> None:
+    from agentkit.services.jobs import JobRunner
+
+    class Summary:
+        def to_dict(self) -> dict:
+            return {"index": "/srv/index", "warnings": ["/srv/docs/a: skipped"], "added": 1}
+
+    release = threading.Event()
+    runner = JobRunner(report=lambda t: t.replace("/srv/docs/", ""), store=JobStore(database))
+    elsewhere = JobRunner(store=JobStore(target))  # another worker's runner
+    started = runner.start("folder", "alice", lambda: release.wait(10) and Summary())
+    assert elsewhere.get(started["id"])["state"] == "running"
+    release.set()
+    for thread in runner.running():
+        thread.join(10)
+    done = elsewhere.get(started["id"])
+    assert done["state"] == "done" and done["summary"]["index"] == "index"
+    assert done["summary"]["warnings"] == ["a: skipped"]
