@@ -16,6 +16,10 @@ ldconfig -p 2>/dev/null | grep -q libseccomp.so.2 || missing+=(libseccomp2)
 case ",$extras," in
   *,dev,*) command -v chromium >/dev/null || missing+=(chromium) ;;
 esac
+# The storage tests start their own PostgreSQL server (initdb + pg_ctl); without it they skip.
+case ",$extras," in
+  *,dev,*|*,postgres,*) compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql) ;;
+esac
 if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; } \
     || echo "warning: could not install ${missing[*]}; the tests that need them say so" >&2
