@@ -75,3 +75,58 @@ def test_a_cited_answer_from_vllm_is_streamed_rated_and_exported(
             thread.join(10)
             feedback.close()
             conversations.close()
+
+
+def vllm_count(llm_url: str, metric: str) -> float:
+    """A counter or gauge from the vLLM server's Prometheus metrics, summed over its labels."""
+    text = httpx.get(llm_url.removesuffix("/v1") + "/metrics", timeout=10).text
+    lines = [line for line in text.splitlines() if line.startswith(metric)]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+
+def test_stop_in_the_page_aborts_the_request_on_the_vllm_server(
+    llm_url: str, tmp_path: Path, page
+) -> None:
+    """Stop closes the page's stream; the API closes its stream to vLLM, which aborts the
+    generation: vLLM's running requests drop to none long before the answer could be whole.
+    (vLLM 0.32 does not count a client's abort under ``finished_reason="abort"``; its running
+    gauge and generated-token counter say it.)"""
+    running, generated = "vllm:num_requests_running", "vllm:generation_tokens_total"
+    before = vllm_count(llm_url, generated)
+    shutil.copytree(SAMPLE, tmp_path / "docs")
+    settings = Settings(index=tmp_path / "index")
+    index_folder(tmp_path / "docs", settings.index, settings=settings)
+    with Index.open(settings.index, settings=settings) as index, OpenAIChatModel(llm_url) as model:
+        app = create_app(
+            model,
+            index,
+            feedback=FeedbackStore(tmp_path / "feedback.sqlite"),
+            conversations=ConversationStore(tmp_path / "conversations.sqlite"),
+            config=ApiConfig(),
+            settings=settings,
+        )
+        url, server, thread = serve_app(app)
+        try:
+            open_page(page, url)
+            page.select_option("#agent", value=model.model)  # the served model as it is
+            page.fill(
+                "#prompt", "Write a long essay, at least 1500 words, on the history of rivers."
+            )
+            page.keyboard.press("Enter")
+            first_words = re.compile(r"(\S+\s+){8}")  # painted while vLLM still writes
+            expect(page.locator(".answer .body")).to_contain_text(first_words, timeout=120_000)
+            assert vllm_count(llm_url, running) >= 1
+            page.click("#stop")
+            expect(page.locator(".answer[data-status=stopped]")).to_have_count(1)
+            for _ in range(300):  # polls vLLM's own gauge of the request
+                if vllm_count(llm_url, running) == 0:
+                    break
+                page.wait_for_timeout(100)
+            assert vllm_count(llm_url, running) == 0, "vLLM kept generating after Stop"
+            assert vllm_count(llm_url, generated) - before < 1000
+            shown = page.locator(".answer .body").inner_text()
+            assert len(shown.split()) < 700  # far from the 1,500 words asked for
+            assert page.log.errors == []
+        finally:
+            server.should_exit = True
+            thread.join(10)
