@@ -104,7 +104,7 @@ class Guardrails:
         if settings.reward_url:
             reward = RewardModel(settings.reward_url, settings.reward_model or "",
                                  api_key=settings.llm_api_key)  # fmt: skip
-        if not rules and not settings.revise and best_of <= 1:
+        if not rules and not settings.revise and best_of <= 1 and reward is None:
             return None
         critic = Critic(model, load_constitution(settings.constitution))
         return cls(rules, critic, settings.revise, best_of, reward)

@@ -128,9 +128,10 @@ def held_out(prompt: str) -> bool:
     return int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % 2 == 1
 
 
-def confusion(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
+def confusion(pairs: Iterable[tuple[str, str]], labels: Iterable[str] = LABELS) -> dict[str, Any]:
     """Accuracy and the confusion matrix ``matrix[gold][predicted]`` of (gold, predicted)."""
-    labels = sorted({label for pair in pairs for label in pair} | set(LABELS))
+    pairs = list(pairs)
+    labels = sorted({label for pair in pairs for label in pair} | set(labels))
     matrix = {g: {p: 0 for p in labels} for g in labels}
     total = correct = 0
     for gold, predicted in pairs:

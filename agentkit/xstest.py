@@ -74,7 +74,9 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
             a: sum(r["action"] == a for r in records)
             for a in ("passed", "flagged", "blocked", "revised", "error")
         },
-        "guard_confusion": {stage: confusion(pairs) for stage, pairs in verdicts.items()},
+        "guard_confusion": {
+            stage: confusion(pairs, ("safe", "unsafe")) for stage, pairs in verdicts.items()
+        },
     }
 
 

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException
 
 from agentkit.agents import AgentContext
 from agentkit.errors import AgentkitError
+from agentkit.guardrails import Guardrails
 from agentkit.llm import ChatModel
 from agentkit.retrievers import Index
 from agentkit.retrievers.uploads import UploadOwners
@@ -156,6 +157,7 @@ def build_state(
 
     settings = settings or get_settings()
     context = AgentContext(model, settings, index=index, sandbox=sandbox or Sandbox())
+    context.guardrails = Guardrails.from_settings(settings, model)  # AGENTKIT_GUARD*, _REVISE
     upload_root = Path(config.upload_dir).resolve() if config.upload_dir else None
     uploads = None
     if upload_root is not None:

@@ -29,6 +29,12 @@ class Metrics:
         self.tokens = Counter("agentkit_tokens", "Model tokens", ["kind"], registry=r)
         self.steps = Counter("agentkit_agent_steps", "ReAct steps", registry=r)
         self.sandbox = Counter("agentkit_sandbox_runs", "Sandbox runs", ["outcome"], registry=r)
+        self.guard_actions = Counter(
+            "agentkit_guardrail_actions", "Guarded requests by outcome", ["action"], registry=r
+        )
+        self.guard_verdicts = Counter(
+            "agentkit_guard_verdicts", "Guard verdicts", ["stage", "verdict"], registry=r
+        )
 
     def count_tokens(self, usage: Usage) -> None:
         self.tokens.labels("prompt").inc(usage.prompt_tokens)
@@ -44,6 +50,12 @@ class Metrics:
             self.steps.inc(len(data["react"].get("steps", [])))
         if "pal" in data:
             self.sandbox.labels(data["pal"].get("error_type") or "ok").inc()
+        if "guardrails" in data:  # flagged, blocked and revised answers are counted here
+            rails = data["guardrails"]
+            self.guard_actions.labels(rails.get("action", "passed")).inc()
+            for verdict in rails.get("verdicts", []):
+                said = "error" if verdict.get("error") else "safe" if verdict["safe"] else "unsafe"
+                self.guard_verdicts.labels(verdict["stage"], said).inc()
 
 
 class RequestMetrics:

@@ -65,8 +65,14 @@ class ChatRequest(StrictModel):
     n: int = Field(1, ge=1, le=16)
     user: str | None = Field(None, max_length=200)
     conversation_id: str | None = Field(None, min_length=1, max_length=200)
+    best_of: int | None = Field(
+        None, ge=1, le=16, description="agentkit: sample N answers, return the best by the reward"
+    )
+    revise: bool = Field(
+        False, description="agentkit: critique the answer by the constitution and revise it"
+    )
 
-    _whole_numbers = field_validator("max_tokens", "n", mode="before")(whole_number)
+    _whole_numbers = field_validator("max_tokens", "n", "best_of", mode="before")(whole_number)
 
 
 class FolderRequest(StrictModel):

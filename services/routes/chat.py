@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -19,6 +20,7 @@ from starlette.exceptions import HTTPException
 
 from agentkit.agents import (
     PASS_THROUGH,
+    AgentContext,
     AgentEvent,
     AgentRequest,
     agent_names,
@@ -27,7 +29,10 @@ from agentkit.agents import (
     stream_agent,
 )
 from agentkit.budget import token_upper_bound
+from agentkit.constitution import load_constitution
+from agentkit.critique import Critic
 from agentkit.errors import AgentkitError, ContextBudgetError
+from agentkit.guardrails import Guardrails
 from agentkit.llm import ChatModel, Usage
 from agentkit.prompts import load_messages
 from agentkit.services.api_state import ApiState
@@ -68,6 +73,7 @@ class ChatTurn:
         self.created = int(time.time())
         self.usage = Usage()  # a stream's, added up as the model reports it
         self.cancel = threading.Event()  # set when the client goes away or time is up
+        self.context = guarded_context(state, body)
 
     def prepare(self) -> tuple[AgentRequest, Callable[[str], None] | None]:
         """The checks that need the model or the stores (the model's name, the conversation,
@@ -114,7 +120,7 @@ class ChatTurn:
         """The chat.completion (one item)."""
         body, metrics = self.body, self.state.metrics
         request, remember = self.prepare()
-        result = run_agent(body.model, self.state.context, request)
+        result = run_agent(body.model, self.context, request)
         metrics.count_tokens(result.usage)
         metrics.count_data(result.data)
         data = result.data
@@ -145,7 +151,7 @@ class ChatTurn:
         request, remember = self.prepare()
         parts: list[str] = []
         try:
-            for event in stream_agent(self.body.model, self.state.context, request):
+            for event in stream_agent(self.body.model, self.context, request):
                 if event.usage is not None:
                     self.usage += event.usage
                 metrics.count_data(event.data)
@@ -232,6 +238,23 @@ def chat_router(state: ApiState) -> APIRouter:
         )
 
     return router
+
+
+def guarded_context(state: ApiState, body: ChatRequest) -> AgentContext:
+    """The agents' context for one request: the server's guardrails (which a request cannot
+    turn off), with the request's ``best_of`` and ``revise`` on top."""
+    context = state.context
+    if not body.best_of and not body.revise:
+        return context
+    if (body.best_of or 1) > 1 and body.n > 1:
+        raise HTTPException(400, "best_of returns one answer: leave n at 1")
+    rails = context.guardrails or Guardrails(
+        critic=Critic(context.model, load_constitution(state.settings.constitution))
+    )
+    chosen = rails.with_options(
+        best_of=body.best_of or rails.best_of, revise=body.revise or rails.revise_all
+    )
+    return replace(context, guardrails=chosen)
 
 
 def served_model(model: ChatModel) -> str | None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from typing import Literal
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
 
 from fastapi import APIRouter
 from fastapi.responses import Response
@@ -11,7 +13,7 @@ from starlette.exceptions import HTTPException
 
 from agentkit.services.api_state import ApiState
 from agentkit.services.auth import AUTHORIZED, Caller
-from agentkit.services.feedback import FeedbackStore
+from agentkit.services.feedback import AI_LABELER, FeedbackStore
 from agentkit.services.schemas import RankingFeedback, RatingFeedback, errors, text_body
 
 
@@ -23,28 +25,31 @@ def feedback_router(state: ApiState) -> APIRouter:
             raise HTTPException(404, "feedback is not enabled on this server")
         return state.feedback
 
+    # One thread writes feedback: requests wait for their row on the event loop, not in a pool
+    # thread each (64 concurrent writers were 64 threads woken at every commit).
+    writer = ThreadPoolExecutor(1, thread_name_prefix="agentkit-feedback")
+
+    def write(feedback: FeedbackStore, body: RatingFeedback | RankingFeedback, owner: Any) -> int:
+        if isinstance(body, RatingFeedback):
+            return feedback.add_rating(
+                body.prompt, body.completion, body.rating, body.labeler, body.comment, owner=owner
+            )
+        return feedback.add_ranking(
+            body.prompt, body.ranking, body.labeler, body.ties, body.comment, owner=owner
+        )
+
     @router.post("/v1/feedback", responses=errors(400, 401, 404, 413, 429))
-    def add_feedback(body: RatingFeedback | RankingFeedback, caller: Caller = AUTHORIZED) -> dict:
+    async def add_feedback(
+        body: RatingFeedback | RankingFeedback, caller: Caller = AUTHORIZED
+    ) -> dict:
         feedback = store()
+        if body.labeler.startswith(AI_LABELER):
+            raise HTTPException(
+                400, f"labelers named {AI_LABELER}… are AI feedback (agentkit feedback ai-label)"
+            )
+        loop = asyncio.get_running_loop()
         try:
-            if isinstance(body, RatingFeedback):
-                row = feedback.add_rating(
-                    body.prompt,
-                    body.completion,
-                    body.rating,
-                    body.labeler,
-                    body.comment,
-                    owner=caller.owner,
-                )
-            else:
-                row = feedback.add_ranking(
-                    body.prompt,
-                    body.ranking,
-                    body.labeler,
-                    body.ties,
-                    body.comment,
-                    owner=caller.owner,
-                )
+            row = await loop.run_in_executor(writer, write, feedback, body, caller.owner)
         except ValueError as error:
             raise HTTPException(400, str(error)) from None
         return {"id": row, "object": "feedback"}
@@ -59,10 +64,12 @@ def feedback_router(state: ApiState) -> APIRouter:
     )
     def export(
         format: Literal["pairwise"] = "pairwise",  # noqa: A002
+        kind: Literal["human", "ai", "all"] = "all",
         caller: Caller = AUTHORIZED,
     ) -> Response:
-        """An admin exports everyone's feedback, any other key its own."""
-        pairs = store().pairwise(owner=None if caller.admin else caller.name)
+        """An admin exports everyone's feedback, any other key its own; ``kind`` keeps human
+        labels or AI ones (labelers ``ai:<model>``) only."""
+        pairs = store().pairwise(owner=None if caller.admin else caller.name, kind=kind)
         lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
         return Response(lines, media_type="application/x-ndjson")
 
