@@ -293,6 +293,15 @@ def model_serve_command(
     port: Annotated[int | None, typer.Option(help="Default: AGENTKIT_MODEL_PORT or 8000.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     tensor_parallel_size: Annotated[int, typer.Option(min=1)] = 1,
+    pipeline_parallel_size: Annotated[int, typer.Option(min=1)] = 1,
+    data_parallel_size: Annotated[
+        int, typer.Option(min=1, help="Copies of the model, each on tensor×pipeline GPUs.")
+    ] = 1,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(help="A LoRA adapter NAME=PATH (repeatable); requests name it as the model."),
+    ] = None,
+    max_lora_rank: Annotated[int | None, typer.Option(min=1)] = None,
     max_model_len: Annotated[int | None, typer.Option(min=256)] = None,
     gpu_memory_utilization: Annotated[float | None, typer.Option(min=0.05, max=1.0)] = None,
     quantization: Annotated[str | None, typer.Option(help="e.g. awq, gptq, fp8.")] = None,
@@ -314,7 +323,7 @@ def model_serve_command(
     """Start vLLM's OpenAI-compatible server, wait until healthy, supervise it until Ctrl-C."""
     import signal as signals
 
-    from agentkit.services.model_server import ModelServer, ServeOptions
+    from agentkit.services.model_server import ModelServer, ServeOptions, parse_lora
 
     if device not in ("auto", "cpu", "cuda"):
         errors.print(f"[bold red]error:[/] --device must be auto, cpu or cuda, not {device!r}")
@@ -330,6 +339,10 @@ def model_serve_command(
             port=port or settings.model_port,
             device=device,  # type: ignore[arg-type]
             tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+            data_parallel_size=data_parallel_size,
+            lora=parse_lora(lora or []),
+            max_lora_rank=max_lora_rank,
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
             quantization=quantization,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -40,7 +41,11 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     device: Device = "auto"
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # GPUs one copy of the model is split over, layer by layer
+    pipeline_parallel_size: int = 1  # stages of layers, e.g. one per node
+    data_parallel_size: int = 1  # copies of the model, each on tensor×pipeline GPUs
+    lora: dict[str, str] = field(default_factory=dict)  # adapter name → path; requests name one
+    max_lora_rank: int | None = None
     max_model_len: int | None = None
     gpu_memory_utilization: float | None = None
     quantization: str | None = None
@@ -110,6 +115,29 @@ def port_in_use(host: str, port: int) -> bool:
         return s.connect_ex((host if host not in ("0.0.0.0", "") else "127.0.0.1", port)) == 0
 
 
+def none_if_one(size: int) -> int | None:
+    """A parallel size vLLM needs to be told: only one above its default of 1."""
+    return size if size > 1 else None
+
+
+def parse_lora(entries: list[str]) -> dict[str, str]:
+    """``NAME=PATH`` entries (``--lora``) as a dict; ModelServerError naming a malformed or
+    repeated entry."""
+    adapters: dict[str, str] = {}
+    for entry in entries:
+        name, _, path = entry.partition("=")
+        name, path = name.strip(), path.strip()
+        if not name or not path or not re.fullmatch(r"[A-Za-z0-9_.:/-]+", name):
+            raise ModelServerError(
+                f"--lora {entry!r}: write NAME=PATH (a name of letters, digits, '_.:/-', and the "
+                "adapter's folder or Hugging Face name)"
+            )
+        if name in adapters:
+            raise ModelServerError(f"--lora names the adapter {name!r} twice; give each one name")
+        adapters[name] = path
+    return adapters
+
+
 def build_command(options: ServeOptions, model: str, served_name: str, device: str) -> list[str]:
     command = [
         sys.executable,
@@ -130,12 +158,19 @@ def build_command(options: ServeOptions, model: str, served_name: str, device: s
         ("--dtype", dtype),
         ("--max-model-len", max_len),
         ("--tensor-parallel-size", options.tensor_parallel_size),
+        ("--pipeline-parallel-size", none_if_one(options.pipeline_parallel_size)),
+        ("--data-parallel-size", none_if_one(options.data_parallel_size)),
         ("--gpu-memory-utilization", options.gpu_memory_utilization if device == "cuda" else None),
         ("--quantization", options.quantization),
         ("--api-key", options.api_key),
     ):
         if value is not None:
             command += [flag, str(value)]
+    if options.lora:  # requests name an adapter as their model; vLLM lists them in /v1/models
+        command += ["--enable-lora", "--max-loras", str(len(options.lora)), "--lora-modules"]
+        command += [f"{name}={path}" for name, path in options.lora.items()]
+        if options.max_lora_rank is not None:
+            command += ["--max-lora-rank", str(options.max_lora_rank)]
     parser = options.tool_call_parser or (None if options.model else "hermes")
     if parser:  # OpenAI-style tool calls (ReAct --mode tools)
         command += ["--enable-auto-tool-choice", "--tool-call-parser", parser]
