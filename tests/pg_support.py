@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -46,60 +47,78 @@ def as_server_user(command: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *command]
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[str]:
-    """The URL of a PostgreSQL server of this session (its ``postgres`` database)."""
+class PostgresUnavailable(Exception):
+    """PostgreSQL cannot be started here; the message says why."""
+
+
+@contextmanager
+def running_postgres() -> Iterator[str]:
+    """A PostgreSQL server in a temporary folder on a free loopback port, for the block: the URL
+    of its ``postgres`` database. PostgresUnavailable, saying why, where it cannot be had."""
     try:
         import psycopg  # noqa: F401
         import psycopg_pool  # noqa: F401
     except ImportError:
-        pytest.skip("psycopg is not installed: ./scripts/setup.sh dev installs the postgres extra")
+        raise PostgresUnavailable(
+            "psycopg is not installed: ./scripts/setup.sh dev installs it"
+        ) from None
     binaries = postgres_bin()
     if binaries is None:
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; setup.sh does)")
+        raise PostgresUnavailable("PostgreSQL is not installed (apt-get install postgresql)")
     if os.geteuid() == 0 and shutil.which("runuser") is None:
-        pytest.skip("running as root without runuser: PostgreSQL cannot be started")
+        raise PostgresUnavailable("running as root without runuser: PostgreSQL cannot start")
     folder = Path(tempfile.mkdtemp(prefix="agentkit-pg-"))
     data, sockets = folder / "data", folder / "sockets"
     sockets.mkdir()
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres", "postgres")
         shutil.chown(sockets, "postgres", "postgres")
-    port = free_port()
-    initdb = subprocess.run(
-        as_server_user(
-            [str(binaries / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-             "-E", "UTF8", "--no-sync"]
-        ),
-        capture_output=True,
-        text=True,
-    )  # fmt: skip
-    if initdb.returncode != 0:
-        shutil.rmtree(folder, ignore_errors=True)
-        pytest.skip(f"initdb failed: {initdb.stderr.strip()[-500:]}")
-    options = (
-        f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
-    )
-    started = subprocess.run(
-        as_server_user(
-            [str(binaries / "pg_ctl"), "-D", str(data), "-o", options, "-l",
-             str(folder / "server.log"), "-w", "-t", "60", "start"]
-        ),
-        capture_output=True,
-        text=True,
-    )  # fmt: skip
-    if started.returncode != 0:
-        log = (folder / "server.log").read_text(errors="replace")[-800:]
-        shutil.rmtree(folder, ignore_errors=True)
-        pytest.skip(f"PostgreSQL did not start: {started.stderr.strip()} {log}")
     try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run(
-            as_server_user([str(binaries / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]),
+        initdb = subprocess.run(
+            as_server_user(
+                [str(binaries / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                 "-E", "UTF8", "--no-sync"]
+            ),
             capture_output=True,
+            text=True,
+        )  # fmt: skip
+        if initdb.returncode != 0:
+            raise PostgresUnavailable(f"initdb failed: {initdb.stderr.strip()[-500:]}")
+        port = free_port()
+        options = (
+            f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c max_connections=300"
         )
+        started = subprocess.run(
+            as_server_user(
+                [str(binaries / "pg_ctl"), "-D", str(data), "-o", options, "-l",
+                 str(folder / "server.log"), "-w", "-t", "60", "start"]
+            ),
+            capture_output=True,
+            text=True,
+        )  # fmt: skip
+        if started.returncode != 0:
+            log = (folder / "server.log").read_text(errors="replace")[-800:]
+            raise PostgresUnavailable(f"PostgreSQL did not start: {started.stderr.strip()} {log}")
+        try:
+            yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        finally:
+            subprocess.run(
+                as_server_user([str(binaries / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]),
+                capture_output=True,
+            )
+    finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """The URL of a PostgreSQL server of this session (its ``postgres`` database)."""
+    try:
+        with running_postgres() as url:
+            yield url
+    except PostgresUnavailable as reason:
+        pytest.skip(str(reason))
 
 
 def new_database(server_url: str) -> str:
