@@ -79,6 +79,20 @@ class AgentContext:
     index: Any = None  # agentkit.retrievers.Index
     sandbox: Any = None  # agentkit.tools.sandbox.Sandbox; PAL makes one when None
     guardrails: Any = None  # agentkit.guardrails.Guardrails: moderation, revision, best-of-n
+    mcp: list[Any] | None = None  # open MCPConnections; None: settings.mcp_servers, on first use
+
+    def mcp_connections(self) -> list[Any]:
+        """The MCP servers agentkit-react may use: connected on first use, then reused."""
+        if self.mcp is None:
+            with _MCP_LOCK:
+                if self.mcp is None:
+                    from agentkit.mcp_client import open_servers
+
+                    self.mcp = open_servers(self.settings.mcp_servers)
+        return self.mcp
+
+
+_MCP_LOCK = threading.Lock()
 
 
 Runner = Callable[[AgentContext, AgentRequest], AgentResult]
@@ -210,7 +224,8 @@ def run_pal(context: AgentContext, request: AgentRequest) -> AgentResult:
 def run_react(context: AgentContext, request: AgentRequest) -> AgentResult:
     from agentkit.react import ReAct
 
-    trajectory = ReAct(context.model, index=context.index).run(request.question, request.cancel)
+    agent = ReAct(context.model, index=context.index, mcp_servers=context.mcp_connections())
+    trajectory = agent.run(request.question, request.cancel)
     return AgentResult([trajectory.answer], {"react": trajectory.to_dict()}, trajectory.usage,
                        trajectory)  # fmt: skip
 
@@ -218,7 +233,7 @@ def run_react(context: AgentContext, request: AgentRequest) -> AgentResult:
 def stream_react(context: AgentContext, request: AgentRequest) -> Iterator[AgentEvent]:
     from agentkit.react import ReAct, Step
 
-    agent = ReAct(context.model, index=context.index)
+    agent = ReAct(context.model, index=context.index, mcp_servers=context.mcp_connections())
     for item in agent.steps(request.question, request.cancel):
         if isinstance(item, Step):
             yield AgentEvent(data={"step": item.to_dict()})

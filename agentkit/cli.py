@@ -594,9 +594,18 @@ def react_command(
     mode: Annotated[
         str, typer.Option(help="text (Thought/Action) or tools (tool calls).")
     ] = "text",
+    mcp: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--mcp",
+            help="An MCP server whose tools the agent may call: a command (stdio) or an "
+            "http(s) URL (streamable HTTP); repeatable; added to AGENTKIT_MCP_SERVERS.",
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Answer with a ReAct agent (search / lookup / finish over the index), showing each step."""
+    """Answer with a ReAct agent (search / lookup / finish over the index, and the tools of any
+    MCP servers), showing each step."""
     from agentkit.llm import connect
     from agentkit.react import ReAct, Step
     from agentkit.retrievers import Index
@@ -609,12 +618,25 @@ def react_command(
                 highlight=False,
             )
 
-    with reported_errors():
+    with reported_errors(), ExitStack() as stack:
         settings = get_settings(llm_url=llm_url)
-        with Index.open(index, settings=settings) as opened, connect(settings) as model:
-            result = ReAct(
-                model, index=opened, max_steps=max_steps, structured=not no_structured, on_step=show
-            ).run(question)
+        servers = [*settings.mcp_servers, *(mcp or [])]
+        opened = None  # with MCP servers, the index is optional
+        if index is not None or settings.index.exists() or not servers:
+            opened = stack.enter_context(Index.open(index, settings=settings))
+        model = stack.enter_context(connect(settings))
+        agent = stack.enter_context(
+            ReAct(
+                model,
+                index=opened,
+                max_steps=max_steps,
+                structured=not no_structured,
+                on_step=show,
+                mode=mode,
+                mcp_servers=servers,
+            )
+        )
+        result = agent.run(question)
     if as_json:
         print_json(result.to_dict())
         return

@@ -19,6 +19,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from agentkit.mcp_client import MCPServerSpec  # pydantic needs it at run time
+
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -144,6 +146,12 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(
         Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "agentkit",
         description="Where converted models (ONNX, safetensors) are cached.",
+    )
+    mcp_servers: list[MCPServerSpec] = Field(
+        default_factory=list,
+        description="MCP servers whose tools agentkit-react may call: commands (stdio) or URLs "
+        "(streamable HTTP), or tables with command/url, headers, env, timeout_s; in the "
+        "environment a JSON list.",
     )
 
     @classmethod
