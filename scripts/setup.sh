@@ -24,6 +24,17 @@ if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/nu
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; } \
     || echo "warning: could not install ${missing[*]}; the tests that need them say so" >&2
 fi
+# The MCP tests use a server and a client nobody here wrote, from npm, installed into .npm-tools/
+# (ignored); without node/npm those tests skip, saying so.
+case ",$extras," in
+  *,dev,*)
+    if command -v npm >/dev/null && { [ ! -x .npm-tools/node_modules/.bin/mcp-server-everything ] \
+        || [ ! -x .npm-tools/node_modules/.bin/mcp-inspector ]; }; then
+      npm install --prefix .npm-tools --no-audit --no-fund --loglevel=error \
+        @modelcontextprotocol/server-everything@2026.8.31 @modelcontextprotocol/inspector@2.12.0 \
+        >/dev/null || echo "warning: npm could not install the MCP test servers; those tests skip" >&2
+    fi ;;
+esac
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 stamp=".venv/.agentkit-installed-$extras"
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
