@@ -970,6 +970,15 @@ def tasks_list_command(as_json: JsonOption = False) -> None:
         console.print("no labeling tasks; create one with `agentkit feedback tasks add FILE`")
 
 
+@tasks_app.command("delete")
+def tasks_delete_command(task_id: Annotated[str, typer.Argument(help="The task's id.")]) -> None:
+    """Delete a labeling task: its prompts, completions and rankings (the feedback its rankings
+    gave stays in the store and its export)."""
+    with reported_errors(), labeling_store() as store:
+        task = store.delete_task(task_id)
+    console.print(f"deleted task {task['id']} ({task['name']}, {task['rankings']} rankings)")
+
+
 @feedback_app.command("ai-label")
 def ai_label_command(
     file: Annotated[Path, typer.Argument(help='JSONL file: one {"prompt": "..."} a line.')],

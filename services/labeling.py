@@ -85,7 +85,16 @@ MIGRATIONS = [
             "CREATE TABLE IF NOT EXISTS feedback_agents (feedback_id BIGINT PRIMARY KEY, "
             "agent TEXT)",
         ),
-    )
+    ),
+    Migration(
+        2,
+        "leases of prompts to labelers in the database (shared by workers and replicas)",
+        statements(
+            """CREATE TABLE IF NOT EXISTS labeling_leases (
+    item_id BIGINT NOT NULL, labeler TEXT NOT NULL, until {real} NOT NULL,
+    PRIMARY KEY (item_id, labeler))""",
+        ),
+    ),
 ]
 MAX_PROMPTS = 10_000
 MAX_PROMPT_CHARS = 100_000
@@ -265,8 +274,6 @@ class LabelingStore:
         self.path = getattr(self.database, "path", None)
         if not isinstance(feedback, FeedbackStore):
             FeedbackStore(self.database)  # the feedback table, as the feedback store makes it
-        self._lock = threading.Lock()  # guards the leases
-        self._leases: dict[int, dict[str, float]] = defaultdict(dict)  # item → labeler → until
         migrate(self.database, "labeling", MIGRATIONS)
 
     def _writing(self) -> AbstractContextManager[Connection]:
@@ -360,6 +367,18 @@ class LabelingStore:
             "complete": sum(c >= k for c in per_item),
         }
 
+    def delete_task(self, task_id: str) -> dict[str, Any]:
+        """Remove a task: its prompts, completions, rankings and leases. The feedback its
+        rankings gave stays in the feedback store (the export keeps it)."""
+        task = self.task(task_id)
+        items = "SELECT id FROM labeling_items WHERE task_id = ?"
+        with self._writing() as db:
+            db.execute(f"DELETE FROM labeling_leases WHERE item_id IN ({items})", (task_id,))
+            db.execute(f"DELETE FROM labeling_rankings WHERE item_id IN ({items})", (task_id,))
+            db.execute("DELETE FROM labeling_items WHERE task_id = ?", (task_id,))
+            db.execute("DELETE FROM labeling_tasks WHERE id = ?", (task_id,))
+        return task
+
     def pending(self, task_id: str, *, failed_too: bool = False) -> list[tuple[int, str]]:
         """(item id, prompt) of the prompts still waiting for completions (and of those whose
         sampling failed, with ``failed_too``)."""
@@ -416,22 +435,26 @@ class LabelingStore:
         )
         done = sum(mine for *_, mine in rows)
         open_items = [r for r in rows if not r[4] and r[3] < k]
-        now = time.monotonic()
-        with self._lock:
-            for item_id, *_ in open_items:
-                leases = self._leases.get(item_id, {})
-                for name in [n for n, until in leases.items() if until < now]:
-                    del leases[name]
-
-            def others(item_id: int) -> int:
-                return sum(n != labeler for n in self._leases.get(item_id, {}))
-
+        now = time.time()  # leases are shared by processes: wall-clock time
+        with self._writing() as db:  # one writer at a time: two labelers never take one lease
+            db.execute("DELETE FROM labeling_leases WHERE until < ?", (now,))
+            leased: dict[int, int] = defaultdict(int)  # item → labelers other than this one
+            for (item_id,) in db.execute(
+                "SELECT l.item_id FROM labeling_leases l JOIN labeling_items i "
+                "ON i.id = l.item_id WHERE i.task_id = ? AND l.labeler != ?",
+                (task_id, labeler),
+            ).fetchall():
+                leased[item_id] += 1
             candidates = [r for r in open_items if r[0] not in exclude]
-            free = [r for r in candidates if r[3] + others(r[0]) < k] or candidates
+            free = [r for r in candidates if r[3] + leased[r[0]] < k] or candidates
             free.sort(key=lambda r: -r[3])  # stable: the file's order among equals
             chosen = free[0] if free else None
             if chosen is not None:
-                self._leases[chosen[0]][labeler] = now + LEASE_S
+                db.execute(
+                    "INSERT INTO labeling_leases (item_id, labeler, until) VALUES (?, ?, ?) "
+                    "ON CONFLICT (item_id, labeler) DO UPDATE SET until = excluded.until",
+                    (chosen[0], labeler, now + LEASE_S),
+                )
         progress = {
             "done": done,
             "total": done + len(open_items),
@@ -520,8 +543,9 @@ class LabelingStore:
                     time.time(),
                 ),
             ).fetchone()[0]
-        with self._lock:
-            self._leases.get(item_id, {}).pop(labeler, None)
+            db.execute(
+                "DELETE FROM labeling_leases WHERE item_id = ? AND labeler = ?", (item_id, labeler)
+            )
         return {"id": ranking_id, "feedback_id": feedback_id, "labeler": labeler}
 
     def add_feedback(
@@ -712,11 +736,13 @@ def sample_task(
     progress: Callable[[int, int], None] | None = None,
     threads: int = SAMPLING_THREADS,
     failed_too: bool = False,
-) -> dict[str, Any]:
+    cancel: threading.Event | None = None,
+) -> dict[str, Any] | None:
     """Sample the completions of every prompt of the task still waiting for them (and of those
     that failed, with ``failed_too``), a few at once; a prompt whose agent fails is marked
     failed with the error, the others go on. ``progress(done, total)`` after each prompt.
-    Returns the task."""
+    Returns the task; None when ``cancel`` was set (the task was deleted): prompts not started
+    by then are not sampled."""
     task = store.task(task_id)
     waiting = store.pending(task_id, failed_too=failed_too)
     done = 0
@@ -725,6 +751,8 @@ def sample_task(
     def sample(item: tuple[int, str]) -> None:
         nonlocal done
         item_id, prompt = item
+        if cancel is not None and cancel.is_set():
+            return
         try:
             texts = sample_completions(
                 context, task["agent"], prompt, task["n"], task["temperature"]
@@ -742,6 +770,8 @@ def sample_task(
 
     with ThreadPoolExecutor(max(1, threads), thread_name_prefix="agentkit-sample") as pool:
         list(pool.map(sample, waiting))
+    if cancel is not None and cancel.is_set():
+        return None
     return store.task(task_id)
 
 
@@ -753,6 +783,7 @@ def labeling_router(store: LabelingStore, context: AgentContext) -> APIRouter:
     filtered export, and feedback from the chat page with its agent."""
     router = APIRouter(prefix="/v1/labeling", tags=["labeling"])
     samplers: dict[str, threading.Thread] = {}
+    cancels: dict[str, threading.Event] = {}  # of the samplers, for a task being deleted
 
     def served(call: Callable[[], Any]) -> Any:
         try:
@@ -764,10 +795,11 @@ def labeling_router(store: LabelingStore, context: AgentContext) -> APIRouter:
         running = samplers.get(task_id)
         if running is not None and running.is_alive():
             return
+        cancel = cancels.setdefault(task_id, threading.Event())
         thread = threading.Thread(
             target=sample_task,
             args=(store, context, task_id),
-            kwargs={"failed_too": failed_too},
+            kwargs={"failed_too": failed_too, "cancel": cancel},
             name="agentkit-label",
             daemon=True,
         )
@@ -810,6 +842,19 @@ def labeling_router(store: LabelingStore, context: AgentContext) -> APIRouter:
     @router.get("/tasks/{task_id}", responses=errors(401, 404, 429))
     def get_task(task_id: str, _: Caller = AUTHORIZED) -> dict[str, Any]:
         return served(lambda: store.task(task_id))
+
+    @router.delete("/tasks/{task_id}", responses=errors(401, 403, 404, 429))
+    def delete_task(task_id: str, caller: Caller = AUTHORIZED) -> dict[str, Any]:
+        """The key that made a task, or an admin, deletes it (its prompts, completions and
+        rankings; the feedback it gave stays in the export). Sampling still running stops."""
+        task = served(lambda: store.task(task_id))
+        if not caller.admin and task.get("owner") != caller.owner:
+            raise HTTPException(403, "only the key that made this task, or an admin, deletes it")
+        cancel = cancels.pop(task_id, None)
+        if cancel is not None:
+            cancel.set()
+        served(lambda: store.delete_task(task_id))
+        return {"deleted": task_id, "object": "labeling.task"}
 
     @router.post("/tasks/{task_id}/sample", status_code=202, responses=errors(401, 404, 429))
     def resume_sampling(task_id: str, _: Caller = AUTHORIZED) -> dict[str, Any]:

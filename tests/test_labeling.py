@@ -17,9 +17,11 @@ from web_support import served  # noqa: F401
 from agentkit.agents import AgentContext
 from agentkit.services.feedback import FeedbackStore
 from agentkit.services.labeling import (
+    LEASE_S,
     LabelingError,
     LabelingStore,
     RankingConflict,
+    TaskNotFound,
     check_ranking,
     compare,
     ranks,
@@ -131,6 +133,52 @@ def test_a_prompt_handed_to_one_labeler_goes_to_another_one_first(store) -> None
     store.add_ranking(ann["id"], [0, 1, 2], labeler="ann")
     store.add_ranking(bob["id"], [0, 1, 2], labeler="bob")
     assert store.next_item(task["id"], "cy")["item"] is None
+
+
+def test_leases_hold_across_stores_on_one_database_as_across_workers(store, tmp_path) -> None:
+    task = ready_task(store, ["p1", "p2"], k=1)
+    other_worker = LabelingStore(tmp_path / "feedback.sqlite")
+    try:
+        ann = store.next_item(task["id"], "ann")["item"]
+        bob = other_worker.next_item(task["id"], "bob")["item"]
+        assert ann["id"] != bob["id"]  # the lease ann holds is seen by the other process
+        assert store.next_item(task["id"], "ann")["item"]["id"] == ann["id"]  # kept for ann
+        other_worker.add_ranking(bob["id"], [0, 1, 2], labeler="bob")
+        store.add_ranking(ann["id"], [0, 1, 2], labeler="ann")
+        assert other_worker.next_item(task["id"], "cy")["item"] is None
+        assert sqlite3.connect(tmp_path / "feedback.sqlite").execute(
+            "SELECT count(*) FROM labeling_leases"
+        ).fetchone() == (0,)  # a ranking releases its lease
+    finally:
+        other_worker.close()
+
+
+def test_an_expired_lease_frees_the_prompt(store, monkeypatch) -> None:
+    task = ready_task(store, ["p1"], k=1)
+    ann = store.next_item(task["id"], "ann")["item"]
+    clock = time.time() + LEASE_S + 1
+    monkeypatch.setattr("agentkit.services.labeling.time.time", lambda: clock)
+    assert store.next_item(task["id"], "bob")["item"]["id"] == ann["id"]
+
+
+def test_deleting_a_task_removes_its_prompts_and_keeps_the_feedback_it_gave(store) -> None:
+    task = ready_task(store, ["p1", "p2"], k=1)
+    item = store.next_item(task["id"], "ann")["item"]
+    store.add_ranking(item["id"], [0, 1, 2], labeler="ann")
+    kept = ready_task(store, ["q"], k=1)
+    feedback_rows = FeedbackStore(store.database).count()
+    assert store.delete_task(task["id"])["rankings"] == 1
+    assert [t["id"] for t in store.tasks()] == [kept["id"]]
+    with pytest.raises(TaskNotFound):
+        store.task(task["id"])
+    with pytest.raises(TaskNotFound):
+        store.delete_task(task["id"])
+    assert FeedbackStore(store.database).count() == feedback_rows == 1
+    left = {
+        table: store._read(f"SELECT count(*) FROM {table}")[0][0]
+        for table in ("labeling_items", "labeling_rankings", "labeling_leases")
+    }
+    assert left == {"labeling_items": 1, "labeling_rankings": 0, "labeling_leases": 0}
 
 
 def test_each_labeler_sees_the_completions_in_an_order_of_their_own(store) -> None:
@@ -289,6 +337,32 @@ def test_with_keys_a_user_exports_only_their_own_and_the_labeler_is_the_key(tmp_
         running.stop()
 
 
+def test_a_task_is_deleted_by_the_key_that_made_it_or_an_admin(tmp_path) -> None:
+    from web_support import start
+
+    running = start(tmp_path, api_keys=("ann:user:k-ann", "bob:user:k-bob", "boss:admin:k-boss"))
+    try:
+        keys = {"ann": "k-ann", "bob": "k-bob", "boss": "k-boss"}
+        client = {
+            name: httpx.Client(base_url=running.url, headers={"Authorization": f"Bearer {key}"})
+            for name, key in keys.items()
+        }
+        made = [
+            client[name].post("/v1/labeling/tasks", json={"agent": "scripted", "prompts": ["p"]})
+            for name in ("ann", "ann")
+        ]
+        first, second = (m.json()["id"] for m in made)
+        refused = client["bob"].delete(f"/v1/labeling/tasks/{first}")
+        assert refused.status_code == 403 and "made this task" in refused.json()["error"]["message"]
+        assert client["ann"].delete(f"/v1/labeling/tasks/{first}").json()["deleted"] == first
+        assert client["boss"].delete(f"/v1/labeling/tasks/{second}").status_code == 200
+        gone = client["ann"].delete(f"/v1/labeling/tasks/{first}")
+        assert gone.status_code == 404
+        assert client["ann"].get("/v1/labeling/tasks").json()["data"] == []
+    finally:
+        running.stop()
+
+
 # --- the CLI ----------------------------------------------------------------------------------
 
 
@@ -328,6 +402,12 @@ def test_the_cli_adds_a_task_from_a_jsonl_file(tmp_path: Path, monkeypatch) -> N
     assert result.exit_code == 1 and "line 2: not JSON" in result.output
     listed = CliRunner().invoke(app, ["feedback", "tasks", "list", "--json"])
     assert len(json.loads(listed.output)) == 1  # nothing stored for the bad file
+    deleted = CliRunner().invoke(app, ["feedback", "tasks", "delete", task["id"]])
+    assert deleted.exit_code == 0 and f"deleted task {task['id']}" in deleted.output
+    listed = CliRunner().invoke(app, ["feedback", "tasks", "list", "--json"])
+    assert json.loads(listed.output) == []
+    again = CliRunner().invoke(app, ["feedback", "tasks", "delete", task["id"]])
+    assert again.exit_code == 1 and "no labeling task" in again.output
 
 
 def test_ids_too_large_for_sqlite_are_a_400_not_a_server_error(served) -> None:

@@ -187,3 +187,18 @@ def test_labeling_asks_for_the_labelers_name_first(served, page) -> None:
     page.click("table.tasks button:text-is('Label')")
     expect(page.locator(".label-side .message").first).to_contain_text("Type your name")
     assert page.evaluate("document.activeElement.id") == "labeler"
+
+
+def test_a_task_is_deleted_with_two_clicks_and_no_dialog(served, page) -> None:
+    labeler = labeling(page, served.url, "ann")
+    create_task(labeler)
+    row = labeler.locator("table.tasks tr[data-task]")
+    expect(row).to_have_count(1)
+    delete = row.locator("button.delete")
+    delete.click()
+    expect(delete).to_have_text("Delete? Click again")
+    assert len(LabelingStore(served.feedback).tasks()) == 1  # the first click only asks
+    delete.click()
+    expect(labeler.locator("table.tasks tr[data-task]")).to_have_count(0)
+    assert LabelingStore(served.feedback).tasks() == []
+    assert page.log.dialogs == [] and page.log.errors == []

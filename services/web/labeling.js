@@ -2,7 +2,7 @@
 // labeler, ranking by keys 1..N (= ties with the previous, Backspace undoes, Enter saves) or
 // by clicking and dragging, agreement between labelers, and the filtered pairwise export.
 
-import { ApiError, json, request } from "./api.js";
+import { ApiError, del, json, request } from "./api.js";
 import { clear, h, percent, when } from "./dom.js";
 import { renderMarkdown } from "./markdown.js";
 
@@ -66,6 +66,7 @@ async function refresh() {
             h("button.primary", { type: "button", on: { click: () => open(task) } }, "Label"),
             h("button", { type: "button", on: { click: () => showAgreement(task) } }, "Agreement"),
             task.pending || task.failed ? h("button", { type: "button", title: "Sample the prompts still waiting or failed", on: { click: () => resume(task) } }, task.pending ? "Resume" : "Retry failed") : null,
+            h("button.delete", { type: "button", title: "Delete the task (the feedback it gave stays in the export)", on: { click: (event) => remove(task, event.currentTarget) } }, "Delete"),
           ),
         ),
         h("td", { title: failures }, prompts),
@@ -76,6 +77,22 @@ async function refresh() {
   fillExportTasks(tasks);
   clearTimeout(polling);
   if (tasks.some((t) => t.pending) && !ui.tasks.closest("[hidden]")) polling = setTimeout(refresh, 2000);
+}
+
+// Two clicks: the first asks, the second deletes (no browser dialog).
+async function remove(task, button) {
+  if (button.dataset.confirm !== "yes") {
+    button.dataset.confirm = "yes";
+    button.textContent = "Delete? Click again";
+    return;
+  }
+  try {
+    await del(`/v1/labeling/tasks/${task.id}`);
+    ui.message.textContent = `Deleted ${task.name}.`;
+  } catch (error) {
+    ui.message.textContent = error.message;
+  }
+  refresh();
 }
 
 async function resume(task) {
