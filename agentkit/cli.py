@@ -646,6 +646,38 @@ def react_command(
     )
 
 
+@app.command("mcp")
+def mcp_command(index: IndexOption = None, llm_url: LlmUrlOption = None) -> None:
+    """Serve agentkit to MCP clients over stdio: tools search, ask, solve and react, and the
+    index's documents as resources (`agentkit serve` offers the same at /mcp)."""
+    from agentkit.agents import AgentContext
+    from agentkit.errors import ConfigError
+    from agentkit.guardrails import Guardrails
+    from agentkit.llm import connect
+    from agentkit.retrievers import Index
+    from agentkit.tools.sandbox import Sandbox
+
+    with reported_errors(), ExitStack() as stack:
+        try:
+            from agentkit.services.mcp_server import create_mcp_server
+        except ImportError:
+            hint = "pip install 'agentkit[mcp]'"
+            raise ConfigError(f"`agentkit mcp` needs the MCP SDK: {hint}") from None
+        from agentkit.services.api_state import relative_paths
+
+        settings = get_settings(llm_url=llm_url)
+        opened = None
+        if index or settings.index.exists():
+            opened = stack.enter_context(Index.open(index, settings=settings))
+        model = stack.enter_context(connect(settings))
+        sandbox = stack.enter_context(Sandbox())
+        rails = Guardrails.from_settings(settings, model)
+        context = AgentContext(model, settings, index=opened, sandbox=sandbox, guardrails=rails)
+        bases = [opened.path] if opened is not None else []
+        server = create_mcp_server(context, lambda text: relative_paths(text, bases))
+        server.run("stdio")  # stdout is the protocol's: nothing else may print there
+
+
 @app.command("serve")
 def serve_command(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
