@@ -1,11 +1,15 @@
 """agentkit: RAG, PAL and ReAct agents on a self-hosted, aligned model served by vLLM."""
 
+from agentkit.ai_feedback import ai_label
 from agentkit.client import AsyncClient, ChatReply, Client
+from agentkit.constitution import Constitution, Principle, load_constitution
+from agentkit.critique import Critic, Revision
 from agentkit.errors import (
     AgentkitError,
     ConfigError,
     ContextBudgetError,
     EmbeddingModelError,
+    GuardError,
     IndexFormatError,
     IndexLockedError,
     IndexNotFoundError,
@@ -17,6 +21,8 @@ from agentkit.errors import (
     SandboxError,
     ToolError,
 )
+from agentkit.guardrails import Guardrails, GuardRule
+from agentkit.guards import CallableGuard, Guard, JudgeGuard, LlamaGuard, Verdict
 from agentkit.llm import (
     ChatModel,
     Completion,
@@ -30,6 +36,7 @@ from agentkit.llm import (
 from agentkit.pal import PAL, PALAnswer
 from agentkit.rag import RAG, Answer, Citation
 from agentkit.react import ReAct, Step, Trajectory
+from agentkit.refusal import RefusalJudge, classify_refusal, validate_refusal
 from agentkit.retrievers import (
     Hit,
     Index,
@@ -38,6 +45,7 @@ from agentkit.retrievers import (
     index_folder,
     register_loader,
 )
+from agentkit.rewards import CallableReward, JudgeReward, Reward, RewardModel
 from agentkit.settings import Settings, get_settings
 from agentkit.testing import HashingEmbedder, ScriptedChatModel
 from agentkit.tools.registry import Tool, ToolRegistry, from_langchain, tool
@@ -56,5 +64,10 @@ __all__ = [
     "Structured", "SyncSummary", "Tool", "ToolError", "ToolRegistry", "Trajectory", "Usage",
     "connect", "from_langchain", "get_settings", "index_folder", "python_tool",
     "register_loader", "tool",
+    # guardrails (issue 14)
+    "CallableGuard", "CallableReward", "Constitution", "Critic", "Guard", "GuardError",
+    "GuardRule", "Guardrails", "JudgeGuard", "JudgeReward", "LlamaGuard", "Principle",
+    "RefusalJudge", "Revision", "Reward", "RewardModel", "Verdict", "ai_label",
+    "classify_refusal", "load_constitution", "validate_refusal",
 ]
 # fmt: on
