@@ -882,7 +882,9 @@ def keys_revoke_command(name: Annotated[str, typer.Argument()]) -> None:
     errors.print(f"revoked the key of {name}", highlight=False)
 
 
-feedback_app = typer.Typer(help="Human feedback: labeling tasks.", no_args_is_help=True)
+feedback_app = typer.Typer(
+    help="Feedback: labeling tasks, AI labels (RLAIF), pairwise export.", no_args_is_help=True
+)
 app.add_typer(feedback_app, name="feedback")
 tasks_app = typer.Typer(
     help="Labeling tasks: prompts with N completions each, for labelers to rank on the web page.",
