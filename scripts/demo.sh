@@ -20,5 +20,6 @@ until grep -q "model server ready" "$log"; do
   if ! kill -0 "$server" 2>/dev/null; then cat "$log" >&2; exit 1; fi
   sleep 1
 done
+grep -m1 "model server ready" "$log" | sed 's/;.*//'  # which model (and precision) answers
 echo "Q: $question"
 AGENTKIT_LLM_URL="http://127.0.0.1:$port" $agentkit ask "$question" --index "$index"
