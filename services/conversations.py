@@ -9,19 +9,29 @@ conversation, so neither reading nor trimming grows with the conversation's leng
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 from agentkit.errors import AgentkitError
 from agentkit.llm import ChatModel, Message
 from agentkit.services.storage import (
     Connection,
     Database,
+    Dialect,
     Migration,
+    add_column,
     migrate,
     open_database,
     statements,
 )
+
+
+def answer_columns(db: Connection, dialect: Dialect) -> None:
+    for column in ("agent", "data"):
+        add_column("messages", column, "TEXT")(db, dialect)
+
 
 MIGRATIONS = [
     Migration(
@@ -46,7 +56,13 @@ MIGRATIONS = [
             "ON CONFLICT (id) DO NOTHING",
         ),
     ),
+    Migration(
+        3,
+        "the agent of each answer and what it showed (citations, program, steps), as JSON",
+        answer_columns,
+    ),
 ]
+MAX_DATA_CHARS = 200_000  # an answer's data kept with it; more is dropped (the text stays)
 
 
 class ConversationNotFound(AgentkitError):
@@ -107,10 +123,33 @@ class ConversationStore:
             ).fetchall()
         return [{"role": role, "content": content} for role, content in reversed(rows)]
 
+    def transcript(self, conversation_id: str, owner: str | None = None) -> list[dict[str, Any]]:
+        """``history()`` as a person reads it again: each answer with its ``agent`` and its
+        ``agentkit`` data (citations, PAL program, ReAct steps) where they were kept."""
+        with self.database.snapshot() as db:
+            row = self._owner_row(db, conversation_id)
+            if row is None or (owner is not None and row[0] != owner):
+                raise ConversationNotFound(conversation_id)
+            rows = db.execute(
+                "SELECT role, content, agent, data FROM messages WHERE conversation_id = ? "
+                "ORDER BY id DESC LIMIT ?",
+                (conversation_id, self.max_messages),
+            ).fetchall()
+        messages = []
+        for role, content, agent, data in reversed(rows):
+            message: dict[str, Any] = {"role": role, "content": content}
+            if agent:
+                message["agent"] = agent
+            if data:
+                message["agentkit"] = json.loads(data)
+            messages.append(message)
+        return messages
+
     def append(
-        self, conversation_id: str, messages: list[Message], owner: str | None = None
+        self, conversation_id: str, messages: list[dict[str, Any]], owner: str | None = None
     ) -> None:
-        """Add messages; the first append makes ``owner`` the owner of the conversation.
+        """Add messages; the first append makes ``owner`` the owner of the conversation. A
+        message may carry the ``agent`` that wrote it and its ``agentkit`` data (``transcript``).
 
         Another owner's conversation raises ``ConversationNotFound`` and stores nothing.
         Messages beyond the newest ``keep_messages`` of the conversation are deleted.
@@ -126,8 +165,12 @@ class ConversationStore:
             if owner is not None and row is not None and row[0] != owner:
                 raise ConversationNotFound(conversation_id)
             db.executemany(
-                "INSERT INTO messages (conversation_id, role, content, created) VALUES (?,?,?,?)",
-                [(conversation_id, m["role"], m["content"], now) for m in messages],
+                "INSERT INTO messages (conversation_id, role, content, created, agent, data) "
+                "VALUES (?,?,?,?,?,?)",
+                [
+                    (conversation_id, m["role"], m["content"], now, m.get("agent"), data_of(m))
+                    for m in messages
+                ],
             )
             db.execute(
                 "DELETE FROM messages WHERE conversation_id = ? AND id <= ("
@@ -174,6 +217,15 @@ class ConversationStore:
         """Close the database unless it was handed in."""
         if self._owns_database:
             self.database.close()
+
+
+def data_of(message: dict[str, Any]) -> str | None:
+    """A message's ``agentkit`` data as stored: JSON, or None when absent or too large."""
+    data = message.get("agentkit")
+    if not data:
+        return None
+    text = json.dumps(data, ensure_ascii=False)
+    return text if len(text) <= MAX_DATA_CHARS else None
 
 
 def trim_to_budget(

@@ -99,7 +99,7 @@ def conversations_router(conversations: ConversationStore | None) -> APIRouter:
     def read_conversation(conversation_id: str, caller: Caller = AUTHORIZED) -> dict[str, Any]:
         kept = store()
         if kept.owner_of(conversation_id) != caller.owner or not (
-            messages := kept.history(conversation_id, owner=caller.owner)
+            messages := kept.transcript(conversation_id, owner=caller.owner)
         ):
             raise ConversationNotFound(conversation_id)
         return {"id": conversation_id, "messages": messages}

@@ -86,10 +86,41 @@ def test_conversations_from_before_owners_are_kept_but_owned_by_nobody(tmp_path:
         )
     store = ConversationStore(path)
     assert store.history("old") == [{"role": "user", "content": "hello"}]
+    assert store.transcript("old") == [{"role": "user", "content": "hello"}]  # columns added
     with pytest.raises(ConversationNotFound):  # no key can claim it and read what it held
         store.history("old", owner="alice")
     with pytest.raises(ConversationNotFound):
         store.append("old", turn(1), owner="alice")
+
+
+def test_an_answer_keeps_its_agent_and_what_it_showed_for_the_transcript(tmp_path: Path) -> None:
+    store = ConversationStore(tmp_path / "c.sqlite")
+    shown = {"citations": [{"number": 1, "source": "a.md"}], "steps": [{"thought": "t"}]}
+    store.append(
+        "c",
+        [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a [1]", "agent": "agentkit-rag", "agentkit": shown},
+        ],
+        owner="alice",
+    )
+    store.append(
+        "c", [{"role": "assistant", "content": "x" * 10, "agentkit": {"big": "y" * 300_000}}]
+    )
+    assert store.history("c", owner="alice") == [  # what the model reads: text only
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a [1]"},
+        {"role": "assistant", "content": "x" * 10},
+    ]
+    assert store.transcript("c", owner="alice") == [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a [1]", "agent": "agentkit-rag", "agentkit": shown},
+        {"role": "assistant", "content": "x" * 10},  # too large to keep: the text stays
+    ]
+    with pytest.raises(ConversationNotFound):
+        store.transcript("c", owner="bob")
+    with pytest.raises(ConversationNotFound):
+        store.transcript("never", owner="alice")
 
 
 def test_history_returns_the_last_messages_and_storage_is_bounded(tmp_path: Path) -> None:

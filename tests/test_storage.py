@@ -168,7 +168,7 @@ def test_a_sqlite_file_from_before_versions_is_upgraded_in_place(tmp_path: Path)
     assert feedback.count("alice") == 0  # the owner column is there; the old row has none
     assert conversations.owner_of("c") is None and len(conversations.history("c")) == 1
     assert schema_version(feedback.database, "feedback") == 3
-    assert schema_version(feedback.database, "conversations") == 2
+    assert schema_version(feedback.database, "conversations") == 3
 
 
 def test_labeling_contract(database: Database) -> None:

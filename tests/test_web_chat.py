@@ -210,6 +210,24 @@ def test_conversations_are_listed_reopened_and_deleted(served, page) -> None:
     assert conversation["messages"] == 6
 
 
+def test_a_reopened_conversation_shows_its_citations_again(served, page) -> None:
+    open_page(page, served.url)
+    ask(page, "Which module needs zlib?")
+    chips = last_answer(page).locator("button.cite")
+    expect(chips).to_have_count(1)
+    page.click("#new-chat")
+    expect(page.locator(".turn")).to_have_count(0)
+    page.click("#conversations >> text=Which module needs zlib?")
+    answer = last_answer(page)
+    expect(answer.locator("button.cite")).to_have_count(1)  # the chips, as they streamed
+    assert "[9]" in answer.locator(".note.invalid").inner_text()
+    answer.locator("button.cite").first.click()
+    card = page.locator(".sources article.source.focused")
+    expect(card.locator(".location")).to_contain_text("install.md")
+    [kept] = served.conversations.transcript(served.conversations.summaries(None)[0]["id"])[1:]
+    assert kept["agent"] == "agentkit-rag" and kept["agentkit"]["citations"]
+
+
 @pytest.fixture
 def keyed(tmp_path: Path):
     running = start(tmp_path, api_keys=("alice:user:secret-a",))

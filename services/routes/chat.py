@@ -75,7 +75,7 @@ class ChatTurn:
         self.cancel = threading.Event()  # set when the client goes away or time is up
         self.context = guarded_context(state, body)
 
-    def prepare(self) -> tuple[AgentRequest, Callable[[str], None] | None]:
+    def prepare(self) -> tuple[AgentRequest, Callable[[str, dict[str, Any]], None] | None]:
         """The checks that need the model or the stores (the model's name, the conversation,
         the context), then the agent's request and what remembers the reply once the client
         has it."""
@@ -93,9 +93,11 @@ class ChatTurn:
             history = conversations.history(conversation, owner=owner)
             messages = trim_to_budget(model, history, new_messages, body.max_tokens or 256)
 
-            def remember(text: str) -> None:
+            def remember(text: str, data: dict[str, Any]) -> None:
                 if not self.cancel.is_set():
-                    reply = {"role": "assistant", "content": text}
+                    reply = {"role": "assistant", "content": text, "agent": body.model}
+                    if data:
+                        reply["agentkit"] = data
                     conversations.append(conversation, [*new_messages, reply], owner=owner)
 
         request = AgentRequest(
@@ -125,7 +127,7 @@ class ChatTurn:
         metrics.count_data(result.data)
         data = result.data
         if remember is not None:
-            remember(result.text)
+            remember(result.text, data)
             data = {**data, "conversation_id": body.conversation_id}
         yield {
             "id": self.id,
@@ -150,17 +152,19 @@ class ChatTurn:
         metrics = self.state.metrics
         request, remember = self.prepare()
         parts: list[str] = []
+        shown: dict[str, Any] = {}  # what the events showed, kept with the reply
         try:
             for event in stream_agent(self.body.model, self.context, request):
                 if event.usage is not None:
                     self.usage += event.usage
                 metrics.count_data(event.data)
                 parts.append(event.text)
+                keep_shown(shown, event.data)
                 yield event
         finally:
             metrics.count_tokens(self.usage)
         if remember is not None:
-            remember("".join(parts))
+            remember("".join(parts), shown)
 
     async def sse(self, first: Any, work: BackgroundIterator) -> AsyncIterator[str]:
         """OpenAI's chunk framing: a role chunk, content chunks, a finish chunk, ``[DONE]``;
@@ -255,6 +259,16 @@ def guarded_context(state: ApiState, body: ChatRequest) -> AgentContext:
         best_of=body.best_of or rails.best_of, revise=body.revise or rails.revise_all
     )
     return replace(context, guardrails=chosen)
+
+
+def keep_shown(shown: dict[str, Any], data: dict[str, Any] | None) -> None:
+    """Add an event's data to what a streamed answer showed: ReAct's steps one after another,
+    anything else (citations, the PAL program, the ReAct summary) as last sent."""
+    for key, value in (data or {}).items():
+        if key == "step":
+            shown.setdefault("steps", []).append(value)
+        else:
+            shown[key] = value
 
 
 def served_model(model: ChatModel) -> str | None:

@@ -455,7 +455,12 @@ async function reopen(id) {
   for (const message of messages) {
     if (message.role === "user") turn = addTurn(message.content);
     else if (message.role === "assistant" && turn) {
-      const answer = addAnswer(turn, "", message.content, "done");
+      // the agent and what it showed (citations, program, steps) come back as they streamed
+      const answer = addAnswer(turn, message.agent || "", message.content, "done");
+      const { steps = [], ...shown } = message.agentkit || {};
+      for (const step of steps) merge(answer, { step });
+      merge(answer, shown);
+      paint(answer);
       finish(answer);
     }
   }
