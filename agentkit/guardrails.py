@@ -71,6 +71,10 @@ class Guardrails:
             or any(r.applies("output") or r.policy == "revise" for r in self.rules)
         )
 
+    def revises(self) -> bool:
+        """Some rule may ask for a revision."""
+        return any(r.policy == "revise" for r in self.rules)
+
     def with_options(self, *, best_of: int | None = None, revise: bool | None = None) -> Guardrails:
         """A copy with per-request options (the API's ``agentkit`` body, the CLI's flags)."""
         return replace(
@@ -187,6 +191,8 @@ def guarded_run(spec: AgentSpec, context: AgentContext, request: AgentRequest) -
         return finish(AgentResult([refusal_text(block)]), report, started)
     result = sample(spec, context, request, rails, report)
     must_revise = any(r.policy == "revise" for r, _ in flagged)
+    if rails.critic is None and (must_revise or rails.revise_all or rails.revises()):
+        rails.critic = Critic(context.model)  # the default constitution, made once
     texts = [
         check_answer(rails, request, text, report, must_revise, bool(flagged))
         for text in result.texts

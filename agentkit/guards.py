@@ -117,7 +117,10 @@ def parse_judge_verdict(
     if answer.startswith("unsafe"):
         category = answer[len("unsafe") :].lstrip(" :-").split("\n")[0].strip()
         return False, category if category in categories else "other"
-    raise GuardError(f"the judge's verdict {text[:80]!r} is neither 'safe' nor 'unsafe: …'")
+    raise GuardError(  # its text stays out: it may echo what was being checked
+        f"the judge's verdict ({len(text)} characters) is neither 'safe' nor 'unsafe: …'; serve "
+        "the judge with structured outputs (vLLM ≥ 0.10.2)"
+    )
 
 
 class JudgeGuard:
@@ -171,7 +174,10 @@ def parse_llama_guard(text: str) -> tuple[bool, list[str]]:
     if head == "unsafe":
         codes = [c.strip().upper() for c in (lines[1] if len(lines) > 1 else "").split(",")]
         return False, [c for c in codes if c]
-    raise GuardError(f"the guard model answered {text[:80]!r}, not 'safe' or 'unsafe\\nS<n>'")
+    raise GuardError(
+        f"the guard model's answer ({len(text)} characters) is not 'safe' or 'unsafe\\nS<n>'; "
+        "is it a Llama Guard model?"
+    )
 
 
 def llama_guard_messages(messages: Sequence[Message]) -> list[dict[str, str]]:

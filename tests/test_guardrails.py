@@ -70,9 +70,8 @@ def scripted(answer: str = "Here is a plain answer.", **verdicts: str) -> Script
 
     def reply(messages: list[dict[str, str]], **kwargs: object) -> str:
         system = messages[0]["content"]
-        last = messages[-1]["content"]
-        if "content safety classifier" in system:
-            stage = "input" if "user's message unsafe" in last else "output"
+        if "Classify the" in system:
+            stage = "input" if "user's message" in system else "output"
             return verdicts.get(stage, "safe")
         if "review an AI assistant's answer" in system:
             return verdicts.get("critique", "No problem.")
@@ -401,3 +400,11 @@ def test_verdicts_serialise() -> None:
     data = Verdict(False, "crime", "judge", "output").to_dict()
     assert data["usage"] == {"prompt_tokens": 0, "completion_tokens": 0}
     json.dumps(data)
+
+
+def test_a_revise_rule_without_a_critic_uses_the_default_constitution(settings: Settings) -> None:
+    model = scripted(answer=SECRET, output="unsafe: crime")
+    rails = Guardrails([GuardRule(JudgeGuard(model), "output", "revise")])
+    result = run_agent("test-echo", context_with(model, settings, rails), AgentRequest.ask("?"))
+    assert result.text == "A safer answer." and rails.critic is not None
+    assert "harm" in rails.critic.constitution.names()
