@@ -239,6 +239,12 @@ def fake_model(path: str, body: dict | None, number: int) -> tuple[int, dict, by
         second = text.split("Answer B:\n")[1].split("\n\nWhich answer")[0]
         return 200, json_type, completion_body("A" if len(first) > len(second) else "B")
     question = messages[-1]["content"]
+    if "Classify the" in messages[0]["content"]:
+        return (
+            200,
+            json_type,
+            completion_body("unsafe: weapons" if "harmful" in question else "safe"),
+        )
     if "harmful" in question:
         return 200, json_type, completion_body("I'm sorry, but I can't help with that.")
     texts = ["Sure." + "!" * i for i in range(body.get("n") or 1)]  # type: ignore[union-attr]
@@ -292,3 +298,17 @@ def test_the_cli_ai_labels_then_exports_by_kind(tmp_path: Path, monkeypatch) -> 
     empty.write_text("\n")
     result = CliRunner().invoke(app, ["feedback", "ai-label", str(empty), "--agent", "fake"])
     assert result.exit_code == 1 and "no prompts" in result.output
+
+
+def test_the_cli_guards_pal_and_ask_through_the_runner(tmp_path: Path, monkeypatch) -> None:
+    from agentkit.cli import app
+
+    with fake_server(fake_model) as (url, log):
+        monkeypatch.setenv("AGENTKIT_LLM_URL", url)
+        result = CliRunner().invoke(app, ["pal", "a harmful plan", "--guard", "input", "--json"])
+    assert result.exit_code == 0, result.output
+    reply = json.loads(result.output)
+    assert reply["text"].startswith("I'm sorry") and "weapons" in reply["text"]
+    assert reply["agentkit"]["guardrails"]["action"] == "blocked"
+    chats = [body for path, body in log if path == "/v1/chat/completions"]
+    assert len(chats) == 1  # the judge only: PAL never ran
