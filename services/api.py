@@ -47,6 +47,7 @@ from agentkit.services.ratelimit import RateLimiter
 from agentkit.services.routes.chat import chat_router
 from agentkit.services.routes.documents import documents_router
 from agentkit.services.routes.feedback import feedback_router
+from agentkit.services.routes.mcp import mcp_router
 from agentkit.services.routes.meta import meta_router
 from agentkit.services.schemas import ERROR_KINDS, error_body, error_status
 from agentkit.services.shared_state import SharedState
@@ -127,7 +128,7 @@ def create_app(
     add_error_handlers(app, state)
 
     app.openapi = lambda: contract(app, config)  # type: ignore[method-assign]
-    for router in (meta_router, chat_router, documents_router, feedback_router):
+    for router in (meta_router, chat_router, documents_router, feedback_router, mcp_router):
         app.include_router(router(state))
     from agentkit.services.web import web_router  # the page at / and the routes it adds
 

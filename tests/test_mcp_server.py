@@ -248,3 +248,61 @@ def test_the_inspector_cli_lists_and_calls_the_stdio_servers_tools(
         tmp_path,
     )
     assert called["isError"] is False and called["structuredContent"]["value"] == "42"
+
+
+# --- over streamable HTTP: /mcp on the API, behind its keys ----------------------------------
+
+
+@pytest.fixture
+def api_mcp(settings: Settings, index: Index, sandbox: Sandbox) -> Iterator[str]:
+    from fake_server import serving
+
+    from agentkit.services.api import ApiConfig, create_app
+
+    app = create_app(
+        ScriptedChatModel([PROGRAM] * 4),
+        index,
+        config=ApiConfig(api_keys=("secret-key",)),
+        sandbox=sandbox,
+        settings=settings,
+    )
+    with serving(app) as base:
+        yield f"{base}/mcp"
+
+
+def test_the_api_serves_mcp_at_slash_mcp_behind_its_keys(api_mcp: str) -> None:
+    from agentkit.errors import ToolError
+    from agentkit.mcp_client import MCPConnection
+
+    spec = {"url": api_mcp, "headers": {"Authorization": "Bearer secret-key"}}
+    with MCPConnection(spec) as connection:
+        tools = {t.name: t for t in connection.tools()}
+        hits = json.loads(tools["search"]({"query": "zlib", "k": 2}))["hits"]
+        assert hits and not hits[0]["location"].startswith("/")  # no server paths
+        assert json.loads(tools["solve"]("Six sevens?"))["value"] == "42"
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        with pytest.raises(ToolError, match="cannot connect"):
+            MCPConnection({"url": api_mcp, "headers": headers, "connect_timeout_s": 20}).open()
+
+
+def test_the_inspector_cli_lists_and_calls_the_http_servers_tools(
+    api_mcp: str, tmp_path: Path
+) -> None:
+    auth = ["--header", "Authorization: Bearer secret-key"]
+    listed = inspector([api_mcp, *auth, "--method", "tools/list"], dict(os.environ), tmp_path)
+    assert {t["name"] for t in listed["tools"]} == {"search", "ask", "solve", "react"}
+    called = inspector(
+        [
+            api_mcp,
+            *auth,
+            "--method",
+            "tools/call",
+            "--tool-name",
+            "search",
+            "--tool-arg",
+            "query=zlib",
+        ],
+        dict(os.environ),
+        tmp_path,
+    )
+    assert called["isError"] is False and called["structuredContent"]["hits"]
