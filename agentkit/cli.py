@@ -737,6 +737,7 @@ def serve_command(
             settings=settings,
             shared=stores.shared,
         )
+        app_.state.api.context.mcp_connections()  # AGENTKIT_MCP_SERVERS connect now, or fail
         # A forced exit must not leave the model server behind: it runs in a session of its own.
         clean = serve(app_, host, port, on_forced_exit=server and partial(server.stop, grace_s=0))
     if not clean:

@@ -130,22 +130,31 @@ class Span:
             self.set("gen_ai.output.messages", json.dumps(completion.texts), MAX_CONTENT_CHARS)
 
 
-def span(name: str, attributes: Mapping[str, Any] | None = None, *, current: bool = True) -> Any:
+def span(
+    name: str,
+    attributes: Mapping[str, Any] | None = None,
+    *,
+    current: bool = True,
+    kind: str = "internal",
+) -> Any:
     """A span around a block (``with tracing.span(...) as s``); ``NO_SPAN`` when tracing is off.
 
     ``current=False`` does not make it the parent of spans opened inside (for spans that stay
     open across a generator's yields, where contexts cannot be attached and detached).
+    ``kind``: internal, server (an incoming request) or client.
     """
     tracer = _TRACER if _CHECKED else _from_environment()
     if tracer is None:
         return NO_SPAN
-    return _start(tracer, name, attributes, current)
+    return _start(tracer, name, attributes, current, kind)
 
 
-def _start(tracer: Any, name: str, attributes: Mapping[str, Any] | None, current: bool) -> Span:
+def _start(
+    tracer: Any, name: str, attributes: Mapping[str, Any] | None, current: bool, kind: str
+) -> Span:
     from opentelemetry import trace
 
-    raw = tracer.start_span(name)
+    raw = tracer.start_span(name, kind=getattr(trace.SpanKind, kind.upper()))
     scope = trace.use_span(raw, end_on_exit=False) if current else None
     if scope is not None:
         scope.__enter__()

@@ -51,6 +51,7 @@ from agentkit.services.routes.mcp import mcp_router
 from agentkit.services.routes.meta import meta_router
 from agentkit.services.schemas import ERROR_KINDS, error_body, error_status
 from agentkit.services.shared_state import SharedState
+from agentkit.services.trace_context import TraceContext
 from agentkit.tools.sandbox import Sandbox
 
 if TYPE_CHECKING:
@@ -124,6 +125,7 @@ def create_app(
         )
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=state.metrics)
+    app.add_middleware(TraceContext)  # traceparent in and out (with OTEL_EXPORTER_OTLP_*)
     app.add_middleware(SecurityHeaders)  # last added: outermost, so it sees every response
     add_error_handlers(app, state)
 

@@ -4,6 +4,7 @@ of what it produces."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import threading
@@ -76,7 +77,10 @@ class BackgroundIterator:
                     headers={"Retry-After": "1"},
                 )
             self._started = True
-            threading.Thread(target=self._run, name="agentkit-chat", daemon=True).start()
+            context = contextvars.copy_context()  # the request's trace context, for its spans
+            threading.Thread(
+                target=context.run, args=(self._run,), name="agentkit-chat", daemon=True
+            ).start()
         kind, value = await self._queue.get()
         self._room.release()
         if kind == "error":

@@ -265,3 +265,27 @@ def test_the_cli_react_command_takes_mcp_servers(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
     assert data["answer"] == "5" and data["steps"][0]["observation"] == "5"
+
+
+def test_the_api_react_agent_uses_the_configured_mcp_servers(
+    settings, index_for_react: object
+) -> None:
+    import httpx
+
+    from agentkit.services.api import create_app
+
+    configured = settings.model_copy(update={"mcp_servers": [MCPServerSpec(command=SERVER)]})
+    model = ScriptedChatModel(
+        ['Thought: add\nAction: add[{"a": 40, "b": 2}]', "Thought: done\nAction: finish[42]"]
+    )
+    app = create_app(model, index_for_react, settings=configured)
+    body = {"model": "agentkit-react", "messages": [{"role": "user", "content": "40 + 2?"}]}
+    try:
+        with serving(app) as base:
+            reply = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120).json()
+    finally:
+        for connection in app.state.api.context.mcp or []:
+            connection.close()
+    steps = reply["agentkit"]["react"]["steps"]
+    assert steps[0]["action"] == "add" and steps[0]["observation"] == "42"
+    assert reply["choices"][0]["message"]["content"] == "42"

@@ -302,3 +302,31 @@ def test_spans_arrive_at_an_otlp_http_receiver_on_loopback(docs: Path, tmp_path:
                 names |= {s.name for s in scope.spans}
     assert services == {"agentkit-test"}
     assert {"invoke_agent agentkit-rag", "retrieval", "chat scripted"} <= names
+
+
+def test_api_requests_take_and_give_the_trace_context(spans, index: Index) -> None:
+    import httpx
+    from fake_server import serving
+
+    from agentkit.services.api import create_app
+
+    app = create_app(ScriptedChatModel(["Aardvark needs zlib [1]."]), index)
+    caller_trace, caller_span = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    body = {"model": "agentkit-rag", "messages": [{"role": "user", "content": "zlib?"}]}
+    with serving(app) as base:
+        response = httpx.post(
+            f"{base}/v1/chat/completions",
+            json=body,
+            headers={"traceparent": f"00-{caller_trace}-{caller_span}-01"},
+            timeout=60,
+        )
+    assert response.status_code == 200
+    finished = {s.name: s for s in spans.get_finished_spans()}
+    request = finished["POST /v1/chat/completions"]
+    assert f"{request.context.trace_id:032x}" == caller_trace
+    assert f"{request.parent.span_id:016x}" == caller_span and request.parent.is_remote
+    assert request.attributes["http.response.status_code"] == 200
+    assert finished["invoke_agent agentkit-rag"].parent.span_id == request.context.span_id
+    assert response.headers["traceparent"].startswith(
+        f"00-{caller_trace}-{request.context.span_id:016x}-"
+    )
