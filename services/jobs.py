@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from agentkit.retrievers.indexer import ProgressFn
     from agentkit.services.shared_state import JobStore
+
+PROGRESS_EVERY_S = 0.5
 
 
 class JobRunner:
@@ -25,19 +29,32 @@ class JobRunner:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
 
-    def start(self, kind: str, owner: str | None, work: Callable[[], Any]) -> dict[str, Any]:
-        """Run ``work`` (returning a ``SyncSummary``) in a thread; the job's record as it starts."""
+    def start(
+        self, kind: str, owner: str | None, work: Callable[[ProgressFn], Any]
+    ) -> dict[str, Any]:
+        """Run ``work(progress)`` (returning a ``SyncSummary``) in a thread; the job's record as
+        it starts. ``progress(files_done, files_total, chunks)``, called as files are indexed,
+        shows in the record's ``progress`` (written to the store at most every
+        ``PROGRESS_EVERY_S``)."""
         job_id = uuid.uuid4().hex[:16]
         record = {"id": job_id, "kind": kind, "owner": owner, "state": "running",
-                  "summary": None, "error": None}  # fmt: skip
+                  "summary": None, "error": None, "progress": None}  # fmt: skip
         if self.store is not None:
             self.store.create(job_id, kind, owner)
         else:
             self._jobs[job_id] = record
+        written = [0.0]
+
+        def progress(done: int, total: int, chunks: int) -> None:
+            record["progress"] = {"files_done": done, "files_total": total, "chunks": chunks}
+            now = time.monotonic()
+            if self.store is not None and (done == total or now - written[0] >= PROGRESS_EVERY_S):
+                written[0] = now
+                self.store.progress(job_id, record["progress"])
 
         def run() -> None:
             try:
-                summary = work().to_dict()
+                summary = work(progress).to_dict()
                 summary["index"] = Path(summary["index"]).name
                 summary["warnings"] = [self.report(w) for w in summary["warnings"]]
                 record.update(state="done", summary=summary)

@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from agentkit.services.keys import KeyStore
-from agentkit.services.storage import Database, Migration, migrate, open_database, statements
+from agentkit.services.storage import (
+    Database,
+    Migration,
+    add_column,
+    migrate,
+    open_database,
+    statements,
+)
 
 MIGRATIONS = [
     Migration(
@@ -39,7 +46,9 @@ MIGRATIONS = [
             "CREATE INDEX IF NOT EXISTS rate_limit_hits_by_key ON rate_limit_hits(api_key, at)",
             "CREATE TABLE IF NOT EXISTS upload_owners (name TEXT PRIMARY KEY, owner TEXT)",
         ),
-    )
+    ),
+    Migration(2, "a job's progress (files done and total, chunks)",
+              add_column("jobs", "progress", "TEXT")),  # fmt: skip
 ]
 
 
@@ -66,7 +75,7 @@ class JobStore(SharedStore):
                 (job_id, kind, owner, f"{socket.gethostname()}:{os.getpid()}", now, now),
             )
         return {"id": job_id, "kind": kind, "owner": owner, "state": "running",
-                "summary": None, "error": None}  # fmt: skip
+                "summary": None, "error": None, "progress": None}  # fmt: skip
 
     def finish(self, job_id: str, *, summary: dict[str, Any] | None = None,
                error: str | None = None) -> None:  # fmt: skip
@@ -79,16 +88,26 @@ class JobStore(SharedStore):
                  job_id),
             )  # fmt: skip
 
+    def progress(self, job_id: str, progress: dict[str, int]) -> None:
+        """How far the job has come (files done and total, chunks embedded)."""
+        with self.database.transaction() as db:
+            db.execute(
+                "UPDATE jobs SET progress = ?, updated = ? WHERE id = ?",
+                (json.dumps(progress), time.time(), job_id),
+            )
+
     def get(self, job_id: str) -> dict[str, Any] | None:
         with self.database.read() as db:
             row = db.execute(
-                "SELECT id, kind, owner, state, summary, error FROM jobs WHERE id = ?", (job_id,)
+                "SELECT id, kind, owner, state, summary, error, progress FROM jobs WHERE id = ?",
+                (job_id,),
             ).fetchone()
         if row is None:
             return None
-        id_, kind, owner, state, summary, error = row
+        id_, kind, owner, state, summary, error, progress = row
         return {"id": id_, "kind": kind, "owner": owner, "state": state,
-                "summary": json.loads(summary) if summary else None, "error": error}  # fmt: skip
+                "summary": json.loads(summary) if summary else None, "error": error,
+                "progress": json.loads(progress) if progress else None}  # fmt: skip
 
 
 class SharedRateLimiter(SharedStore):

@@ -28,14 +28,21 @@ def finished(runner: JobRunner, job_id: str) -> dict:
 def test_a_job_runs_in_the_background_and_reports_its_summary() -> None:
     release = threading.Event()
 
-    def work() -> Summary:
+    reported = threading.Event()
+
+    def work(progress) -> Summary:
+        progress(1, 3, 10)
+        reported.set()
         release.wait(10)
         return Summary()
 
     runner = JobRunner(report=lambda text: text.replace("/srv/docs/", ""))
     started = runner.start("folder", "alice", work)
     assert started["state"] == "running" and started["owner"] == "alice"
-    assert runner.get(started["id"])["state"] == "running"  # the work waits for us
+    assert reported.wait(10)
+    running = runner.get(started["id"])
+    assert running["state"] == "running"  # the work waits for us
+    assert running["progress"] == {"files_done": 1, "files_total": 3, "chunks": 10}
     release.set()
     done = finished(runner, started["id"])
     assert done["state"] == "done" and done["summary"]["added"] == 1
@@ -44,18 +51,19 @@ def test_a_job_runs_in_the_background_and_reports_its_summary() -> None:
 
 
 def test_a_failed_job_says_why_and_the_runner_goes_on() -> None:
-    def broken() -> Summary:
+    def broken(progress) -> Summary:
         raise OSError("cannot read /srv/docs/secret")
 
     runner = JobRunner(report=lambda text: text.replace("/srv/docs/", ""))
     failed = finished(runner, runner.start("upload", None, broken)["id"])
     assert failed["state"] == "failed" and failed["error"] == "cannot read secret"
-    assert finished(runner, runner.start("upload", None, Summary)["id"])["state"] == "done"
+    fine = runner.start("upload", None, lambda _: Summary())
+    assert finished(runner, fine["id"])["state"] == "done"
 
 
 def test_records_are_copies_and_unknown_ids_are_none() -> None:
     runner = JobRunner()
-    job = finished(runner, runner.start("folder", "bob", Summary)["id"])
+    job = finished(runner, runner.start("folder", "bob", lambda _: Summary())["id"])
     job["state"] = "tampered"
     assert runner.get(job["id"])["state"] == "done"
     assert runner.get("nope") is None

@@ -71,8 +71,19 @@ def test_a_job_runner_on_the_database_reports_to_every_worker(
     release = threading.Event()
     runner = JobRunner(report=lambda t: t.replace("/srv/docs/", ""), store=JobStore(database))
     elsewhere = JobRunner(store=JobStore(target))  # another worker's runner
-    started = runner.start("folder", "alice", lambda: release.wait(10) and Summary())
-    assert elsewhere.get(started["id"])["state"] == "running"
+    reported = threading.Event()
+
+    def work(progress) -> Summary:
+        progress(2, 5, 40)  # the first report is written at once (then at most every 0.5 s)
+        reported.set()
+        release.wait(10)
+        return Summary()
+
+    started = runner.start("folder", "alice", work)
+    assert reported.wait(10)
+    seen = elsewhere.get(started["id"])
+    assert seen["state"] == "running"
+    assert seen["progress"] == {"files_done": 2, "files_total": 5, "chunks": 40}
     release.set()
     for thread in runner.running():
         thread.join(10)

@@ -63,7 +63,9 @@ def documents_router(state: ApiState) -> APIRouter:
     def index_server_folder(body: FolderRequest, caller: Caller = ADMIN) -> dict[str, Any]:
         target = need_index()
         folder = folder_in_roots(body.folder, state.document_roots)
-        return jobs.start("folder", caller.owner, lambda: target.sync_folder(folder))
+        return jobs.start(
+            "folder", caller.owner, lambda progress: target.sync_folder(folder, progress=progress)
+        )
 
     @router.post(
         "/v1/documents",
@@ -119,7 +121,7 @@ def documents_router(state: ApiState) -> APIRouter:
                 write_upload(upload_root, name, raw)
                 uploads.set(name, caller.owner)
         docs = [doc for _, _, doc in loaded]
-        return jobs.start("upload", caller.owner, lambda: target.add_documents(docs))
+        return jobs.start("upload", caller.owner, lambda _: target.add_documents(docs))
 
     @router.get("/v1/documents/jobs/{job_id}", responses=errors(401, 404, 429))
     def job_status(job_id: str, caller: Caller = AUTHORIZED) -> dict[str, Any]:

@@ -129,7 +129,9 @@ function watch(job, label) {
     }
     item.dataset.state = current.state;
     if (current.state === "running") {
-      state.textContent = `indexing… ${Math.round((Date.now() - started) / 1000)} s`;
+      const p = current.progress;
+      const files = p ? ` ${p.files_done} / ${p.files_total} files, ${p.chunks} chunks,` : "";
+      state.textContent = `indexing…${files} ${Math.round((Date.now() - started) / 1000)} s`;
       setTimeout(poll, 500);
     } else if (current.state === "done") {
       const s = current.summary;
