@@ -72,20 +72,43 @@ def index_progress(enabled: bool) -> Iterator[Callable[[int, int, int], None] | 
 @app.command("index")
 def index_command(
     folder: Annotated[Path, typer.Argument(help="Folder of documents (.md .txt .rst .html .pdf).")],
+    address: Annotated[
+        str | None,
+        typer.Argument(help="With --ray: the Ray cluster's address (host:port); none: local."),
+    ] = None,
     index: IndexOption = None,
     full: Annotated[bool, typer.Option("--full", help="Rebuild from scratch.")] = False,
     embedding_model: Annotated[
         str | None, typer.Option(help="sentence-transformers model name or path (new indexes).")
     ] = None,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray", help="Read, chunk and embed on a Ray cluster (the ray extra); one writer."
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Index a folder: new files are added, changed ones replaced, deleted ones removed."""
+    """Index a folder: new files are added, changed ones replaced, deleted ones removed.
+
+    `agentkit index DIR --ray [ADDRESS]` spreads the work over a Ray cluster (a local one
+    without ADDRESS); the folder must be at the same path on every node."""
     from agentkit.retrievers import index_folder
 
+    if address is not None and not ray:
+        errors.print(f"[bold red]error:[/] {address!r}: a cluster address goes with --ray")
+        raise typer.Exit(2)
     with reported_errors():
         settings = get_settings(embedding_model=embedding_model)
         with index_progress(not as_json and errors.is_terminal) as progress:
-            summary = index_folder(folder, index, full=full, settings=settings, progress=progress)
+            summary = index_folder(
+                folder,
+                index,
+                full=full,
+                settings=settings,
+                progress=progress,
+                ray=(address or "local") if ray else None,
+            )
     if as_json:
         print_json(summary.to_dict())
         return

@@ -327,17 +327,32 @@ def index_folder(
     settings: Settings | None = None,
     progress: ProgressFn | None = None,
     embedder: Embedder | None = None,
+    ray: str | None = None,
 ) -> SyncSummary:
     """Create or update the index at ``index_path`` from ``folder``.
 
     ``full`` rebuilds from scratch in a folder beside the index and swaps it in atomically at the
     end, so the previous index serves until the new one is complete; it also replaces a damaged
-    index, which an incremental run refuses (``IndexCorruptError``).
+    index, which an incremental run refuses (``IndexCorruptError``). ``ray``: read, chunk and
+    embed on the Ray cluster at that address ("local": one started here; see ``ray_indexer``),
+    with this process the one writer.
     """
     settings = settings or get_settings()
     index_path = Path(index_path or settings.index).expanduser()
 
     def sync(index: Index) -> SyncSummary:
+        if ray is not None:
+            from .ray_indexer import embedder_factory, sync_folder_on_ray
+
+            return sync_folder_on_ray(
+                index.store,
+                embedder_factory(index.embedder),
+                Path(folder),
+                index.chunking,
+                progress,
+                max_file_bytes=settings.max_file_bytes,
+                address=ray,
+            )
         return indexer.sync_folder(
             index.store,
             index.embedder,
