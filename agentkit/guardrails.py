@@ -266,7 +266,7 @@ def sample(
     report.usage += scores.usage
     chosen = best_index(scores.values)
     report.best_of = {"n": n, "scores": scores.values, "chosen": chosen,
-                      "reward": rails.reward.name}  # fmt: skip
+                      "reward": rails.reward.name, "unscored": scores.unscored}  # fmt: skip
     best = results[chosen]
     return AgentResult([best.text], best.data, usage, best.detail)
 

@@ -1,7 +1,8 @@
 """Rewards for best-of-n: score each sampled answer, keep the best.
 
 - ``JudgeReward``: the served model grades each answer 1–9 by the constitution (one constrained
-  digit per answer);
+  digit per answer; a grade that does not parse, from a server without structured outputs,
+  scores 0 and is counted as unscored);
 - ``RewardModel``: a reward model served by vLLM's pooling API (``POST /pooling`` with the chat;
   the score is the last value of the pooled output);
 - ``CallableReward``: any function ``f(question, answer) -> float``.
@@ -27,6 +28,7 @@ GRADES = [str(d) for d in range(1, 10)]
 class Scores:
     values: list[float]
     usage: Usage = field(default_factory=Usage)
+    unscored: int = 0  # answers the reward could not score (they got its lowest score)
 
 
 @runtime_checkable
@@ -67,10 +69,8 @@ class JudgeReward:
             )
             usage += done.usage
             digit = done.text.strip()[:1]
-            if digit not in GRADES:
-                raise GuardError(f"the judge's grade {done.text[:40]!r} is not a digit 1-9")
-            values.append(float(digit))
-        return Scores(values, usage)
+            values.append(float(digit) if digit in GRADES else 0.0)  # below every grade
+        return Scores(values, usage, sum(v == 0.0 for v in values))
 
 
 def parse_pooling_score(data: Any) -> float:

@@ -337,7 +337,8 @@ def test_best_of_n_returns_the_answer_the_reward_likes_best(settings: Settings) 
     result = run_agent("test-echo", context_with(model, settings, rails), AgentRequest.ask("?"))
     assert result.text == "the longest answer"
     best = result.data["guardrails"]["best_of"]
-    assert best == {"n": 3, "scores": [5.0, 18.0, 10.0], "chosen": 1, "reward": "length"}
+    assert best == {"n": 3, "scores": [5.0, 18.0, 10.0], "chosen": 1, "reward": "length",
+                    "unscored": 0}  # fmt: skip
     assert all(c.kwargs["temperature"] == 0.8 for c in model.calls)  # sampled, not greedy
 
 
@@ -356,8 +357,8 @@ def test_the_judge_reward_grades_by_a_constrained_digit() -> None:
     scores = JudgeReward(model).score("q", ["a", "b"])
     assert scores.values == [3.0, 8.0] and best_index(scores.values) == 1
     assert model.calls[0].kwargs["structured"].choice[0] == "1"
-    with pytest.raises(GuardError):
-        JudgeReward(ScriptedChatModel(["ten"], check_structured=False)).score("q", ["a"])
+    unparsed = JudgeReward(ScriptedChatModel(["ten", "7"])).score("q", ["a", "b"])
+    assert unparsed.values == [0.0, 7.0] and unparsed.unscored == 1
 
 
 def test_ties_go_to_the_first_answer() -> None:
