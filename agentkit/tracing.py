@@ -81,7 +81,9 @@ class Span:
         return self
 
     def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> None:
-        if error is not None:
+        if isinstance(error, GeneratorExit):  # its reader stopped early (a client went away)
+            self.raw.set_attribute("agentkit.closed_early", True)
+        elif error is not None:
             from opentelemetry.trace import Status, StatusCode
 
             self.raw.record_exception(error)

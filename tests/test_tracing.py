@@ -330,3 +330,24 @@ def test_api_requests_take_and_give_the_trace_context(spans, index: Index) -> No
     assert response.headers["traceparent"].startswith(
         f"00-{caller_trace}-{request.context.span_id:016x}-"
     )
+
+
+def test_a_stream_read_only_in_part_ends_its_spans_without_an_error(spans, index: Index) -> None:
+    stream = RAG(index, ScriptedChatModel(["One two three [1]."]), min_similarity=0.0).stream("q")
+    next(stream)
+    stream.close()
+    finished = {s.name: s for s in spans.get_finished_spans()}
+    run = finished["invoke_agent agentkit-rag"]
+    assert run.attributes["agentkit.closed_early"] is True and run.status.is_ok
+
+
+def test_guard_steps_have_a_span_hook(spans) -> None:
+    with tracing.guard_span("pii", stage="input") as guard:
+        guard.set("agentkit.guard.verdict", "safe")
+    (span,) = spans.get_finished_spans()
+    assert span.name == "guard pii"
+    assert dict(span.attributes) == {
+        "agentkit.guard.name": "pii",
+        "agentkit.guard.stage": "input",
+        "agentkit.guard.verdict": "safe",
+    }
