@@ -37,6 +37,8 @@ from agentkit.tools.registry import Tool
 
 MAX_DESCRIPTION_CHARS = 600  # a server's description is untrusted: bounded, one paragraph
 MAX_RESULT_CHARS = 8000
+MAX_TOOLS = 128  # per server: a listing that never ends cannot flood the prompt
+MAX_PAGES = 20
 NAME_UNSAFE = re.compile(r"\W")
 INSTALL_HINT = "install the MCP extra: pip install 'agentkit[mcp]'"
 
@@ -310,10 +312,12 @@ class MCPConnection:
             async with self._transport() as transport, Client(transport) as client:
                 listed = await client.list_tools()
                 tools = list(listed.tools)
-                while listed.next_cursor:
+                for _ in range(MAX_PAGES):
+                    if not listed.next_cursor or len(tools) >= MAX_TOOLS:
+                        break
                     listed = await client.list_tools(cursor=listed.next_cursor)
                     tools += listed.tools
-                self._client, self._tools = client, tools
+                self._client, self._tools = client, tools[:MAX_TOOLS]
                 ready.set_result(None)
                 await self._stop.wait()
         except BaseException as error:
