@@ -33,6 +33,7 @@ from agentkit.llm import (
     Usage,
     connect,
 )
+from agentkit.mcp_client import MCPConnection, MCPServerSpec
 from agentkit.pal import PAL, PALAnswer
 from agentkit.rag import RAG, Answer, Citation
 from agentkit.react import ReAct, Step, Trajectory
@@ -69,5 +70,7 @@ __all__ = [
     "GuardRule", "Guardrails", "JudgeGuard", "JudgeReward", "LlamaGuard", "Principle",
     "RefusalJudge", "Revision", "Reward", "RewardModel", "Verdict", "ai_label",
     "classify_refusal", "load_constitution", "validate_refusal",
+    # MCP and tracing (issue 15; agentkit.tracing is the tracing module)
+    "MCPConnection", "MCPServerSpec",
 ]
 # fmt: on
