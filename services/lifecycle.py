@@ -4,6 +4,7 @@ signal ends everything at once."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -146,6 +147,11 @@ def serve(
     # Agents run in threads that hold the GIL for milliseconds at a time; handing it over every
     # 1 ms instead of 5 ms keeps the event loop (/healthz, new connections) answering under load.
     sys.setswitchinterval(0.001)
+    # What is loaded by now (the embedding model, the index, the app) lives as long as the
+    # server: out of the collector's sight, a full collection no longer walks it while holding
+    # the GIL (pauses of 100+ ms that stalled every request at once).
+    gc.collect()
+    gc.freeze()
     uvicorn.run(
         app,
         host=host,
