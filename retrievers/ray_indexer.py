@@ -43,6 +43,9 @@ from .types import SyncSummary
 FILES_PER_TASK = 16  # files one read-and-chunk task handles
 DOCUMENTS_PER_EMBED = 32  # documents one embedding call takes (their chunks, together)
 MakeEmbedder = Callable[[], Any]  # picklable; builds the embedder on a worker
+# Ray's logical CPUs of an embedding actor and of a reading task: together one CPU, so that
+# actors on every CPU never leave the reading tasks without one (Ray would wait forever).
+ACTOR_CPUS, TASK_CPUS = 0.75, 0.25
 
 
 class RayUnavailable(AgentkitError):
@@ -192,8 +195,8 @@ def sync_folder_on_ray(
 ) -> SyncSummary:
     """``indexer.sync_folder``'s result, with the reading, chunking and embedding done on Ray.
 
-    ``embedding_actors``: how many embedding actors (default: one per two CPUs of the cluster,
-    at least one)."""
+    ``embedding_actors``: how many embedding actors (default: one per CPU of the cluster; Ray
+    fuses the reading and chunking into them, so they are the workers)."""
     root = check_folder(folder)
     started = time.perf_counter()
     summary = SyncSummary(index=str(store.path))
@@ -212,15 +215,22 @@ def sync_folder_on_ray(
         raise InvalidPathError(
             f"{folder} holds no files to index (looked for {', '.join(sorted(extensions))})"
         )
+    seen: set[str] = set()
+    if not candidates:  # nothing to read: what the index holds of the folder goes
+        with store.transaction():
+            summary.removed = len(known)
+            store.remove_documents(doc_id for doc_id, _ in known.values())
+        summary.documents_total, summary.chunks_total = store.counts()
+        summary.seconds = time.perf_counter() - started
+        return summary
     leave = connect(address)
     try:
         import ray
 
         ray.data.DataContext.get_current().enable_progress_bars = False
-        actors = embedding_actors or max(1, int(ray.cluster_resources().get("CPU", 1)) // 2)
+        actors = embedding_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
         dataset = (
-            ray.data.from_items([{"source": s} for s in candidates] or [{"source": ""}])
-            .filter(lambda row: bool(row["source"]))
+            ray.data.from_items([{"source": s} for s in candidates])
             .map_batches(
                 read_and_chunk,
                 batch_size=FILES_PER_TASK,
@@ -232,6 +242,7 @@ def sync_folder_on_ray(
                     "max_file_bytes": max_file_bytes,
                     "make_embedder": make_embedder,
                 },
+                num_cpus=TASK_CPUS,
             )
             .map_batches(
                 EmbedDocuments,
@@ -239,9 +250,9 @@ def sync_folder_on_ray(
                 batch_format="numpy",
                 fn_constructor_kwargs={"make_embedder": make_embedder},
                 compute=ray.data.ActorPoolStrategy(size=actors),
+                num_cpus=ACTOR_CPUS,
             )
         )
-        seen: set[str] = set()
         with store.transaction():
             for done, row in enumerate(dataset.iter_rows(), 1):
                 write_row(store, row, known, seen, summary)
