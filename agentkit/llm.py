@@ -12,6 +12,7 @@ failure becomes an ``LLMError``/``ModelServerError`` whose message says what to 
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import logging
 import time
@@ -245,6 +246,7 @@ class OpenAIChatModel:
         self._turn = itertools.count()
         self._model = model
         self._max_model_len: int | None = None
+        self._adapters: tuple[str, ...] | None = None  # LoRA adapters the server lists
         self._structured_outputs = True  # False once the server refused the field
 
     # --- what is served -------------------------------------------------------------------------
@@ -273,6 +275,20 @@ class OpenAIChatModel:
         entry = entry or data[0]
         self._model = self._model or entry["id"]
         self._max_model_len = entry.get("max_model_len")
+        # vLLM lists each LoRA adapter (--lora-modules) as a model with its base as ``parent``
+        self._adapters = tuple(d["id"] for d in data if d.get("parent") and d.get("id"))
+
+    def adapters(self) -> tuple[str, ...]:
+        """The LoRA adapters the server serves beside the model (names a request may use)."""
+        if self._adapters is None:
+            self._load_models()
+        return self._adapters or ()
+
+    def with_model(self, name: str) -> OpenAIChatModel:
+        """The same servers and connections, asking for the model (or LoRA adapter) ``name``."""
+        other = copy.copy(self)
+        other._model = name
+        return other
 
     def count_tokens(self, messages: Sequence[Message]) -> int:
         body = {"model": self.model, "messages": list(messages), "add_generation_prompt": True}

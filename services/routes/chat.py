@@ -82,8 +82,13 @@ class ChatTurn:
         body, model, conversations = self.body, self.state.model, self.state.conversations
         passes_through = self.agent is PASS_THROUGH
         if passes_through and (served := served_model(model)) not in (None, body.model):
-            names = ", ".join((*agent_names(), served))
-            raise HTTPException(404, f"no model {body.model!r} here; use one of {names}")
+            adapters = lora_adapters(model)
+            if body.model not in adapters:
+                names = ", ".join((*agent_names(), served, *adapters))
+                raise HTTPException(404, f"no model {body.model!r} here; use one of {names}")
+            # a LoRA adapter of the served model: the same servers, asked for the adapter
+            model = model.with_model(body.model)  # type: ignore[attr-defined]
+            self.context = replace(self.context, model=model)
         new_messages = [m.model_dump() for m in body.messages]
         messages, remember = new_messages, None
         if body.conversation_id and conversations is not None:
@@ -204,6 +209,7 @@ def chat_router(state: ApiState) -> APIRouter:
             names.append(getattr(state.model, "model", "model"))
         except AgentkitError:
             pass
+        names.extend(lora_adapters(state.model))
         return {
             "object": "list",
             "data": [
@@ -242,6 +248,16 @@ def chat_router(state: ApiState) -> APIRouter:
         )
 
     return router
+
+
+def lora_adapters(model: ChatModel) -> tuple[str, ...]:
+    """The LoRA adapters the model's server lists (``agentkit model serve --lora``), if it
+    says."""
+    adapters = getattr(model, "adapters", None)
+    try:
+        return tuple(adapters()) if callable(adapters) else ()
+    except AgentkitError:
+        return ()
 
 
 def guarded_context(state: ApiState, body: ChatRequest) -> AgentContext:
