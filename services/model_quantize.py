@@ -7,8 +7,8 @@ decoder projection (and the LM head) replaced by ``weight`` (int8) and ``weight_
 (float32, ``[out, 1]``) and a ``quantization_config`` in ``config.json`` that vLLM reads as
 compressed-tensors ``W8A8Int8``; vLLM-CPU runs it on oneDNN's int8 kernels.
 
-Writing the format directly keeps the quantizer inside the project's environment: llmcompressor
-would pin its own torch/transformers next to vllm-cpu's.
+Writing the format directly (safetensors and torch, both already there for vllm-cpu) keeps the
+quantizer inside the project's environment: no llmcompressor, no second environment.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from typing import Any
 from agentkit.errors import ModelPrepareError
 
 SUFFIX = "-w8a8"  # of the int8 model's folder and served name
-# The instructions oneDNN's int8 matmul needs to beat float32 (it prepacks weights for brgemm
-# only with VNNI); with plain AVX2 it repacks the weight matrix on every call.
+# The instructions oneDNN's int8 matmul needs to beat float32 (its brgemm kernels need VNNI);
+# with plain AVX2 it runs a generic GEMM whose time hardly depends on the number of tokens, as
+# if the weight matrix were packed on every call (0.18x float32 per decode step, measured).
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
@@ -50,7 +51,7 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
 
 def int8_support(flags: set[str] | None = None) -> Int8Support:
     """Read the CPU flags: AVX2 is the least vLLM-CPU's int8 kernels run on, VNNI makes them
-    fast (measured on AVX2 without VNNI: ~6x slower than float32, benchmarks/results/int8.json)."""
+    fast (on AVX2 without VNNI int8 decodes at 0.27x float32, benchmarks/results/int8.json)."""
     flags = cpu_flags() if flags is None else flags
     if "avx2" not in flags and "avx512f" not in flags:
         return Int8Support(False, False, "this CPU has no AVX2, which vLLM-CPU's int8 kernels need")
@@ -60,8 +61,8 @@ def int8_support(flags: set[str] | None = None) -> Int8Support:
             True,
             False,
             "this CPU has AVX2 but no VNNI (avx512_vnni, avx_vnni or amx_int8): vLLM-CPU's "
-            "oneDNN int8 matmul repacks the weights on every call there and decodes about 6x "
-            "slower than float32 (benchmarks/results/int8.json)",
+            "oneDNN int8 matmul falls back to a generic GEMM there and the int8 model decodes "
+            "about 4x slower than float32 (measured: benchmarks/results/int8.json)",
         )
     return Int8Support(True, True, f"this CPU has {', '.join(vnni)}")
 
