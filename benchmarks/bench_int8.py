@@ -11,8 +11,9 @@ Parts (each merges its figures into benchmarks/results/int8.json, so they can ru
   single-stream and with 16 requests at once; run float32 (the baseline) and int8 (served with
   ``--force-int8``) in one invocation for the ratios in ``int8_vs_float32``.
 * ``prefix`` — time to first token of repeated calls with vLLM's automatic prefix caching on vs
-  off (float32): RAG calls with the same instructions and new sources, PAL calls with new
-  questions, and ReAct steps 2-5 of one trajectory (each step's prompt extends the last one).
+  off, on one server (off: each call gets a fresh ``cache_salt``): RAG calls with the same
+  instructions and new sources, PAL calls with new questions, and ReAct steps 2-5 of one
+  trajectory (each step's prompt extends the last one).
 * ``quality`` — the W8A8 arithmetic simulated in PyTorch (the same int8 weights, per-token int8
   activations) against float32 on the same text: next-token agreement and perplexity, teacher-
   forced over the PAL few-shot prompt and GSM8K items 200-249 (the tuning part, never scored).
@@ -281,33 +282,46 @@ def prefix_workloads() -> dict[str, list[list[dict[str, str]]]]:
     return {"rag_new_sources": rag, "pal_new_questions": pal, "react_steps": react}
 
 
-def ttft(url: str, model: str, messages: list) -> float:
+def ttft(url: str, model: str, messages: list, salt: str | None = None) -> float:
+    """Seconds to a one-token completion; a fresh ``cache_salt`` keeps vLLM from reusing any
+    cached prefix, which is prefix caching off for this request alone."""
+    body = {"model": model, "messages": messages, "max_tokens": 1, "temperature": 0}
+    if salt:
+        body["cache_salt"] = salt
     started = time.perf_counter()
-    response = httpx.post(
-        url + "/v1/chat/completions",
-        json={"model": model, "messages": messages, "max_tokens": 1, "temperature": 0},
-        timeout=900,
-    )
+    response = httpx.post(url + "/v1/chat/completions", json=body, timeout=900)
     response.raise_for_status()
     return time.perf_counter() - started
 
 
-def prefix() -> dict[str, Any]:
+def prefix(url: str | None) -> dict[str, Any]:
+    """On vs off on one server (``url``, or a float32 server started here), call by call: the
+    same prompt once with a fresh cache salt (off) and once without (on, the cache warm from
+    the calls before it)."""
+    import uuid
+
     workloads = prefix_workloads()
-    figures: dict[str, dict[str, Any]] = {}
-    for caching, extra in (("on", []), ("off", ["--no-enable-prefix-caching"])):
-        server, _ = start_server("float32", extra)
-        try:
-            ttft(server.url, server.served_name, [{"role": "user", "content": "warm up"}])
-            for name, prompts in workloads.items():
-                # the first call fills the cache; calls 2-5 are the repeated ones measured
-                times = [ttft(server.url, server.served_name, p) for p in prompts]
-                figures.setdefault(name, {})[caching] = [round(t, 3) for t in times[1:]]
-        finally:
+    server = None
+    if url is None:
+        server, _ = start_server("float32")
+        url = server.url
+    try:
+        model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+        figures: dict[str, Any] = {"server": url, "model": model}
+        for name, prompts in workloads.items():
+            ttft(url, model, prompts[0])  # the first call fills the cache
+            on, off = [], []
+            for prompt in prompts[1:]:  # calls 2-5: new sources / questions / steps
+                off.append(round(ttft(url, model, prompt, salt=uuid.uuid4().hex), 3))
+                on.append(round(ttft(url, model, prompt), 3))
+            figures[name] = {
+                "on": on,
+                "off": off,
+                "ttft_on_over_off": round(statistics.median(on) / statistics.median(off), 2),
+            }
+    finally:
+        if server is not None:
             server.stop()
-    for row in figures.values():
-        on, off = statistics.median(row["on"]), statistics.median(row["off"])
-        row["ttft_on_over_off"] = round(on / off, 2)
     figures["layout"] = (
         "every prompt file puts the fixed part first (instructions, few-shot examples, tool list) "
         "and the variable part last (sources, question); ReAct appends each step to the messages"
@@ -375,6 +389,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16, help="single-stream completion")
     parser.add_argument("--concurrent-tokens", type=int, default=4)
     parser.add_argument("--quality-tokens", type=int, default=1024)
+    parser.add_argument("--url", help="prefix: measure on this running server (else start one)")
     args = parser.parse_args()
     previous = RESULTS / "int8.json"
     data = json.loads(previous.read_text()) if previous.exists() else {}
@@ -388,7 +403,7 @@ def main() -> None:
             precision = part.removeprefix("serve_")
             data[part] = serve_one(precision, args.tokens, args.concurrent_tokens)
         elif part == "prefix":
-            data["prefix"] = prefix()
+            data["prefix"] = prefix(args.url)
         elif part == "quality":
             data["quality"] = quality(args.quality_tokens)
         else:
