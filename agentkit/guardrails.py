@@ -29,6 +29,7 @@ from agentkit.guards import Guard, Stage, Verdict
 from agentkit.llm import Message, Usage
 from agentkit.prompts import load_prompt, render
 from agentkit.rewards import Reward, best_index
+from agentkit.tracing import guard_span
 
 if TYPE_CHECKING:
     from agentkit.agents import AgentContext, AgentEvent, AgentRequest, AgentResult, AgentSpec
@@ -148,17 +149,22 @@ def check_stage(
         if not rule.applies(stage):
             continue
         started = time.perf_counter()
-        try:
-            verdict = rule.guard.check(messages, stage)
-        except Exception as error:  # a guard is a plug-in: any failure is the rule's on_error
-            verdict = Verdict(
-                rule.on_error == "open",
-                None if rule.on_error == "open" else "guard unavailable",
-                getattr(rule.guard, "name", type(rule.guard).__name__),
-                stage,
-                f"{type(error).__name__}: {error}",
-                time.perf_counter() - started,
-            )
+        name = getattr(rule.guard, "name", type(rule.guard).__name__)
+        with guard_span(name, stage=stage, policy=rule.policy) as traced:
+            try:
+                verdict = rule.guard.check(messages, stage)
+            except Exception as error:  # a guard is a plug-in: any failure is rule.on_error
+                verdict = Verdict(
+                    rule.on_error == "open",
+                    None if rule.on_error == "open" else "guard unavailable",
+                    name,
+                    stage,
+                    f"{type(error).__name__}: {error}",
+                    time.perf_counter() - started,
+                )
+            traced.set("agentkit.guard.verdict", "safe" if verdict.safe else "unsafe")
+            traced.set("agentkit.guard.category", verdict.category)
+            traced.set("agentkit.guard.error", verdict.error)
         verdict.stage = stage
         report.verdicts.append(verdict)
         report.usage += verdict.usage
@@ -221,7 +227,9 @@ def check_answer(
         return refusal_text(block)
     must_revise = must_revise or any(r.policy == "revise" for r, _ in unsafe)
     if (must_revise or rails.revise_all) and rails.critic is not None:
-        revision = rails.critic.revise(request.question, text, force=must_revise)
+        with guard_span("critique", forced=must_revise) as traced:
+            revision = rails.critic.revise(request.question, text, force=must_revise)
+            traced.set("agentkit.guard.verdict", "revised" if revision.revised else "kept")
         report.usage += revision.usage
         if revision.revised:
             report.action = "revised"

@@ -409,3 +409,25 @@ def test_a_revise_rule_without_a_critic_uses_the_default_constitution(settings: 
     result = run_agent("test-echo", context_with(model, settings, rails), AgentRequest.ask("?"))
     assert result.text == "A safer answer." and rails.critic is not None
     assert "harm" in rails.critic.constitution.names()
+
+
+def test_guard_checks_and_critiques_are_traced(settings: Settings) -> None:
+    sdk = pytest.importorskip("opentelemetry.sdk.trace", reason="no opentelemetry extra")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from agentkit import tracing
+
+    exporter, provider = InMemorySpanExporter(), sdk.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    model = scripted(answer=SECRET, output="unsafe: crime")
+    context = context_with(model, settings, judge_rails(model, stage="output", policy="revise"))
+    tracing.enable(provider, content=False)
+    try:
+        run_agent("test-echo", context, AgentRequest.ask("chemistry?"))
+    finally:
+        tracing.disable()
+    spans = {s.name: dict(s.attributes) for s in exporter.get_finished_spans()}
+    assert spans["guard judge"]["agentkit.guard.verdict"] == "unsafe"
+    assert spans["guard judge"]["agentkit.guard.stage"] == "output"
+    assert spans["guard critique"]["agentkit.guard.verdict"] == "revised"
