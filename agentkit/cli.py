@@ -786,6 +786,7 @@ def chat_command(
 
     def answer_in_process(question: str) -> tuple[str, list[str]]:
         from agentkit.agents import AgentContext, AgentRequest, get_agent, run_agent
+        from agentkit.guardrails import Guardrails
         from agentkit.llm import connect
         from agentkit.retrievers import Index
 
@@ -795,7 +796,8 @@ def chat_command(
             opened = None
             if get_agent(name).needs_index:
                 opened = stack.enter_context(Index.open(index, settings=settings))
-            context = AgentContext(model, settings, index=opened)
+            rails = Guardrails.from_settings(settings, model)  # AGENTKIT_GUARD*, _REVISE
+            context = AgentContext(model, settings, index=opened, guardrails=rails)
             result = run_agent(name, context, AgentRequest.ask(question))
         citations = result.data.get("citations", [])
         return result.text, [f"[{c['number']}] {relative(c['location'])}" for c in citations]
