@@ -6,9 +6,14 @@ folder, same embedding model, same run; and the per-batch costs that model how i
    start-up timed apart), ``index_folder(..., ray="local")`` into a fresh index.
 3. The stages measured one by one in this process, without Ray: reading and chunking (seconds
    per file), embedding (seconds per chunk), and the one writer (seconds per chunk written into
-   the index), from which ``model`` predicts the time on W workers:
-   ``T(W) = max((read + embed) / W, write)`` plus Ray's start-up and per-batch overhead (what
-   the measured Ray run took beyond the model at this machine's CPUs).
+   the index). ``scaling_model`` predicts the time on N nodes like this one: the embedding
+   already uses every core of a node (ONNX Runtime's threads), so a node indexes at the rate
+   measured here, r chunks/s, and N nodes at N·r until the one writer (1 / its cost per chunk)
+   is the limit: ``T(N) = startup + overhead + chunks / min(N·r, writer rate)``, the overhead
+   being what the Ray run took here beyond chunks / r.
+
+    .venv/bin/python benchmarks/bench_ray_indexing.py --remodel results/ray_indexing.json
+    recomputes the model from a result file's measurements.
 
     flock /tmp/agentkit-heavy.lock .venv/bin/python benchmarks/bench_ray_indexing.py
 """
@@ -91,12 +96,40 @@ def stage_costs(folder: Path, scratch: Path, settings: Settings) -> dict:
     }
 
 
+def scaling_model(results: dict) -> dict:
+    """The time on N nodes like this one, from the measurements (see the module's docstring)."""
+    costs, ray_run = results["stage_costs"], results["ray_local"]
+    chunks = costs["chunks"]
+    node_rate = chunks / (costs["read_and_chunk_s"] + costs["embed_s"])  # chunks/s of one node
+    writer_rate = chunks / costs["write_s"]
+    overhead = ray_run["seconds"] - chunks / node_rate
+
+    def seconds(nodes: int) -> float:
+        return ray_run["startup_seconds"] + overhead + chunks / min(nodes * node_rate, writer_rate)
+
+    return {
+        "formula": "T(N) = startup + overhead + chunks / min(N * node_rate, writer_rate)",
+        "node_rate_chunks_per_second": round(node_rate, 1),
+        "writer_rate_chunks_per_second": round(writer_rate),
+        "overhead_seconds": round(overhead, 1),
+        "nodes_until_the_writer_limits": int(writer_rate // node_rate),
+        "predicted_seconds": {str(n): round(seconds(n), 1) for n in (1, 2, 4, 8, 16, 64, 256)},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--folder", type=Path, default=SHARED / "data" / "docs" / "fastapi-docs" / "en"
     )
+    parser.add_argument("--remodel", type=Path, help="recompute the model of a result file")
     args = parser.parse_args()
+    if args.remodel:
+        results = json.loads(args.remodel.read_text())
+        results["model"] = scaling_model(results)
+        args.remodel.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(results["model"], indent=1))
+        return
     settings = Settings()
     scratch = Path(tempfile.mkdtemp(prefix="bench-ray-indexing-"))
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -117,12 +150,6 @@ def main() -> None:
         ray.shutdown()
 
         costs = stage_costs(args.folder.resolve(), scratch, settings)
-        work = costs["read_and_chunk_s"] + costs["embed_s"]
-
-        def model(workers: int) -> float:
-            return max(work / workers, costs["write_s"])
-
-        overhead_s = ray_s - model(cpus)
         results = {
             "folder": str(args.folder),
             "cpus": cpus,
@@ -134,14 +161,8 @@ def main() -> None:
             "ray_over_single_throughput": round(single_s / ray_s, 2),
             "same_chunks": single.chunks_embedded == spread.chunks_embedded,
             "stage_costs": costs,
-            "model": {
-                "formula": "T(W) = max((read_and_chunk + embed) / W, write) + overhead",
-                "overhead_seconds_measured": round(overhead_s, 2),
-                "predicted_seconds": {str(w): round(model(w) + overhead_s, 1)
-                                      for w in (1, 2, 4, 8, 16, 32, 64)},
-                "writer_bound_chunks_per_second": round(costs["chunks"] / costs["write_s"], 0),
-            },
         }  # fmt: skip
+        results["model"] = scaling_model(results)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(json.dumps(results, indent=1))
