@@ -194,4 +194,5 @@ def web_router(
     if feedback is not None:
         router.include_router(labeling_router(LabelingStore(feedback), context))
         allow_only(router, "/v1/labeling/tasks", "GET", "POST")
+        allow_only(router, "/v1/labeling/tasks/{task_id}", "GET", "DELETE")
     return router
