@@ -16,6 +16,8 @@ from agentkit.services.auth import AUTHORIZED, Caller
 from agentkit.services.feedback import AI_LABELER, FeedbackStore
 from agentkit.services.schemas import RankingFeedback, RatingFeedback, errors, text_body
 
+WRITERS = 8  # threads that write feedback
+
 
 def feedback_router(state: ApiState) -> APIRouter:
     router = APIRouter()
@@ -25,9 +27,11 @@ def feedback_router(state: ApiState) -> APIRouter:
             raise HTTPException(404, "feedback is not enabled on this server")
         return state.feedback
 
-    # One thread writes feedback: requests wait for their row on the event loop, not in a pool
-    # thread each (64 concurrent writers were 64 threads woken at every commit).
-    writer = ThreadPoolExecutor(1, thread_name_prefix="agentkit-feedback")
+    # A few threads write feedback: requests wait for their row on the event loop, not in a
+    # pool thread each, and the store's group commit puts the rows of 8 writers in one
+    # transaction (64 concurrent clients on 2 cores: p99 144-626 ms with one writer thread,
+    # 96-100 ms with 8).
+    writer = ThreadPoolExecutor(WRITERS, thread_name_prefix="agentkit-feedback")
 
     def write(feedback: FeedbackStore, body: RatingFeedback | RankingFeedback, owner: Any) -> int:
         if isinstance(body, RatingFeedback):
