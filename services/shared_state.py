@@ -47,8 +47,9 @@ MIGRATIONS = [
             "CREATE TABLE IF NOT EXISTS upload_owners (name TEXT PRIMARY KEY, owner TEXT)",
         ),
     ),
-    Migration(2, "a job's progress (files done and total, chunks)",
-              add_column("jobs", "progress", "TEXT")),  # fmt: skip
+    Migration(
+        2, "a job's progress (files done and total, chunks)", add_column("jobs", "progress", "TEXT")
+    ),  # fmt: skip
 ]
 
 

@@ -65,13 +65,23 @@ BODIES = {
     "/v1/documents/folder": FOLDER,
     "/v1/documents": JSON,
     "/v1/labeling/tasks": st.fixed_dictionaries(
-        {}, optional={"prompts": st.lists(st.text(max_size=20), max_size=3) | JSON,
-                      "jsonl": st.text(max_size=40) | JSON, "agent": JSON, "n": JSON}
+        {},
+        optional={
+            "prompts": st.lists(st.text(max_size=20), max_size=3) | JSON,
+            "jsonl": st.text(max_size=40) | JSON,
+            "agent": JSON,
+            "n": JSON,
+        },
     ),  # fmt: skip
     "/v1/labeling/tasks/{task_id}/sample": JSON,
     "/v1/labeling/items/{item_id}/rankings": st.fixed_dictionaries(
-        {}, optional={"ranking": st.lists(st.integers(-2, 5), max_size=5) | JSON,
-                      "ties": JSON, "labeler": JSON, "reason": JSON}
+        {},
+        optional={
+            "ranking": st.lists(st.integers(-2, 5), max_size=5) | JSON,
+            "ties": JSON,
+            "labeler": JSON,
+            "reason": JSON,
+        },
     ),  # fmt: skip
     "/v1/labeling/feedback": FEEDBACK,
 }
@@ -130,9 +140,7 @@ def test_no_5xx_for_any_body(client: TestClient, path: str) -> None:
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_5xx_for_any_bytes(client: TestClient, raw: bytes) -> None:
     for path in BODIES:
-        response = client.post(
-            url(path), content=raw, headers={"content-type": "application/json"}
-        )
+        response = client.post(url(path), content=raw, headers={"content-type": "application/json"})
         assert response.status_code < 500, (path, raw, response.text)
 
 
