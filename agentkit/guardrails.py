@@ -190,10 +190,8 @@ def guarded_run(spec: AgentSpec, context: AgentContext, request: AgentRequest) -
     rails: Guardrails = context.guardrails
     started = time.perf_counter()
     report = GuardReport()
-    flagged = check_stage(rails.rules, request.messages, "input", report)
-    block = next((v for r, v in flagged if r.policy == "block"), None)
+    flagged, block = check_input(rails, request, report)
     if block is not None:
-        report.action = "blocked"
         return finish(AgentResult([refusal_text(block)]), report, started)
     result = sample(spec, context, request, rails, report)
     must_revise = any(r.policy == "revise" for r, _ in flagged)
@@ -208,6 +206,26 @@ def guarded_run(spec: AgentSpec, context: AgentContext, request: AgentRequest) -
     else:
         result = AgentResult(texts, result.data, result.usage, result.detail)
     return finish(result, report, started)
+
+
+def check_input(
+    rails: Guardrails, request: AgentRequest, report: GuardReport
+) -> tuple[list[tuple[GuardRule, Verdict]], Verdict | None]:
+    """The input rules that flagged the request, and the verdict of the first that blocks it
+    (the report then says ``blocked``), if one does."""
+    flagged = check_stage(rails.rules, request.messages, "input", report)
+    block = next((v for r, v in flagged if r.policy == "block"), None)
+    if block is not None:
+        report.action = "blocked"
+    return flagged, block
+
+
+def whole(result: AgentResult) -> Iterator[AgentEvent]:
+    """A finished result as a stream's events: its data, then its text and usage."""
+    from agentkit.agents import AgentEvent
+
+    yield AgentEvent(data=result.data)
+    yield AgentEvent(text=result.text, usage=result.usage)
 
 
 def check_answer(
@@ -295,19 +313,13 @@ def guarded_stream(
 
     rails: Guardrails = context.guardrails
     if rails.checks_output():
-        result = guarded_run(spec, context, request)
-        yield AgentEvent(data=result.data)
-        yield AgentEvent(text=result.text, usage=result.usage)
+        yield from whole(guarded_run(spec, context, request))
         return
     started = time.perf_counter()
     report = GuardReport()
-    flagged = check_stage(rails.rules, request.messages, "input", report)
-    block = next((v for r, v in flagged if r.policy == "block"), None)
+    flagged, block = check_input(rails, request, report)
     if block is not None:
-        report.action = "blocked"
-        result = finish(AgentResult([refusal_text(block)]), report, started)
-        yield AgentEvent(data=result.data)
-        yield AgentEvent(text=result.text, usage=result.usage)
+        yield from whole(finish(AgentResult([refusal_text(block)]), report, started))
         return
     if flagged:
         report.action = "flagged"
