@@ -194,21 +194,14 @@ def check_folder(folder: Path) -> Path:
     return folder.resolve()
 
 
-def sync_folder(
-    store: IndexStore,
-    embedder: Embedder,
-    folder: Path,
-    params: ChunkingParams,
-    progress: ProgressFn | None = None,
-    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
-) -> SyncSummary:
-    """Make the documents of ``folder`` in the index match the folder, in one transaction.
-
-    Files are only read inside ``folder``: a symlink out of it, a named pipe or device, a
-    file over ``max_file_bytes`` is skipped and reported, and leaves the index.
-    """
+def plan_folder(
+    store: IndexStore, folder: Path
+) -> tuple[Path, SyncSummary, list[Path], dict[str, tuple[int, str]]]:
+    """What a sync of ``folder`` starts from: its resolved root, a summary holding the files
+    skipped on the walk (links out, pipes, devices, other extensions), the files to read, and
+    what the index holds of the folder (``document_hashes``). InvalidPathError when there is
+    nothing to index and nothing indexed."""
     root = check_folder(folder)
-    started = time.perf_counter()
     summary = SyncSummary(index=str(store.path))
     extensions = set(supported_extensions())
 
@@ -224,6 +217,24 @@ def sync_folder(
         raise InvalidPathError(
             f"{folder} holds no files to index (looked for {', '.join(sorted(extensions))})"
         )
+    return root, summary, candidates, known
+
+
+def sync_folder(
+    store: IndexStore,
+    embedder: Embedder,
+    folder: Path,
+    params: ChunkingParams,
+    progress: ProgressFn | None = None,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+) -> SyncSummary:
+    """Make the documents of ``folder`` in the index match the folder, in one transaction.
+
+    Files are only read inside ``folder``: a symlink out of it, a named pipe or device, a
+    file over ``max_file_bytes`` is skipped and reported, and leaves the index.
+    """
+    started = time.perf_counter()
+    root, summary, candidates, known = plan_folder(store, folder)
     seen: set[str] = set()
     with store.transaction(), _Ingest(store, embedder, params, summary) as ingest:
         for done, path in enumerate(candidates, 1):

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from agentkit.errors import AgentkitError, InvalidPathError
+from agentkit.errors import AgentkitError
 
 from .chunking import iter_chunks
 from .embedding import Embedder
@@ -32,11 +32,11 @@ from .indexer import (
     ChunkingParams,
     ProgressFn,
     _DocumentWrite,
-    check_folder,
     chunk_rows,
     document_row,
+    plan_folder,
 )
-from .loaders import NotIndexable, load_file, read_regular_file, supported_extensions, walk_files
+from .loaders import NotIndexable, load_file, read_regular_file
 from .store import IndexStore
 from .types import SyncSummary
 
@@ -197,24 +197,9 @@ def sync_folder_on_ray(
 
     ``embedding_actors``: how many embedding actors (default: one per CPU of the cluster; Ray
     fuses the reading and chunking into them, so they are the workers)."""
-    root = check_folder(folder)
     started = time.perf_counter()
-    summary = SyncSummary(index=str(store.path))
-    extensions = set(supported_extensions())
-
-    def skip(path: Path, reason: str) -> None:
-        summary.warnings.append(f"skipped {path.relative_to(root).as_posix()}: {reason}")
-        summary.skipped += 1
-
-    files = list(walk_files(root, summary.warnings, on_skip=skip))
-    candidates = [f.relative_to(root).as_posix() for f in files
-                  if f.suffix.lower() in extensions]  # fmt: skip
-    summary.skipped += len(files) - len(candidates)
-    known = store.document_hashes(str(root))
-    if not candidates and not known:
-        raise InvalidPathError(
-            f"{folder} holds no files to index (looked for {', '.join(sorted(extensions))})"
-        )
+    root, summary, paths, known = plan_folder(store, folder)
+    candidates = [path.relative_to(root).as_posix() for path in paths]
     seen: set[str] = set()
     if not candidates:  # nothing to read: what the index holds of the folder goes
         with store.transaction():
