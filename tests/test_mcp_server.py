@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -72,6 +73,19 @@ def test_the_tools_have_schemas_and_descriptions_written_for_models(
     assert "citing" in tools["search"].description
     assert tools["solve"].input_schema["properties"]["problem"]["description"]
     assert "answer" in tools["ask"].output_schema["properties"]
+
+
+def test_creating_the_server_leaves_the_applications_logging_as_it_was(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # MCPServer configures the root logger at INFO by default: behind the API that logged and
+    # rendered every httpx request of every chat.
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    create_mcp_server(AgentContext(ScriptedChatModel([]), settings))
+    assert root.getEffectiveLevel() == logging.WARNING
+    assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)
 
 
 def test_search_returns_hits_that_name_their_documents(
