@@ -7,6 +7,7 @@ import asyncio
 import contextvars
 import json
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from starlette.types import Receive
 
 logger = logging.getLogger("agentkit.api")
+WORKER_NICENESS = 10  # relative to the event loop's thread; see below_the_event_loop
 CHAT_WORKERS = 256  # chat requests answered at once (a thread each); more get a 503
 STREAM_BUFFER = 32  # events a stream's worker may run ahead of a slow client
 
@@ -117,6 +119,7 @@ class BackgroundIterator:
                 watcher.cancel()
 
     def _run(self) -> None:
+        below_the_event_loop()
         try:
             items = self._produce()
             try:
@@ -144,6 +147,19 @@ class BackgroundIterator:
         except RuntimeError:  # the event loop is closed: the server has stopped
             return False
         return True
+
+
+def below_the_event_loop() -> None:
+    """Lower this thread's scheduling priority (Linux: a thread's own nice value) by
+    WORKER_NICENESS. A worker's CPU work (retrieval, prompt assembly) then yields the cores to the
+    event loop's thread, so /healthz and new connections answer in milliseconds however many
+    requests are busy; on an idle machine the worker loses nothing. Threads it starts (the
+    search and embedding pools) inherit the value."""
+    try:
+        me = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, me, os.getpriority(os.PRIO_PROCESS, me) + WORKER_NICENESS)
+    except (AttributeError, OSError):  # not Linux: threads share their process's priority
+        pass
 
 
 def error_event(error: Exception, relative: Callable[[str], str]) -> str:

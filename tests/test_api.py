@@ -4,6 +4,7 @@ feedback export, auth, limits, errors."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -19,6 +20,7 @@ from agentkit import Index, index_folder
 from agentkit.client import Client
 from agentkit.services.api import ApiConfig, create_app
 from agentkit.services.feedback import FeedbackStore
+from agentkit.services.streaming import WORKER_NICENESS
 from agentkit.settings import Settings
 from agentkit.testing import ScriptedChatModel
 
@@ -300,6 +302,41 @@ def test_documents_are_uploaded_indexed_in_the_background_and_deleted(
     finally:
         running.stop()
         index.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="thread priorities are Linux's")
+def test_agents_run_below_the_event_loops_priority() -> None:
+    """Under load, the agents' CPU work must leave the cores to the event loop (/healthz)."""
+
+    def priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen: list[int] = []
+    loop_priority: list[int] = []
+
+    def reply(messages: list, **kw: object) -> str:
+        seen.append(priority())
+        return "ok"
+
+    app = create_app(ScriptedChatModel(reply), None)
+
+    @app.middleware("http")
+    async def record(request, call_next):  # type: ignore[no-untyped-def]
+        loop_priority.append(priority())
+        return await call_next(request)
+
+    running = Running(app)
+    try:
+        body = {"model": "scripted", "messages": [{"role": "user", "content": "hi"}]}
+        for stream in (False, True):
+            response = httpx.post(
+                running.url + "/v1/chat/completions", json={**body, "stream": stream}
+            )
+            assert response.status_code == 200
+    finally:
+        running.stop()
+    assert len(seen) == 2 and set(loop_priority) == {loop_priority[0]}
+    assert all(p == loop_priority[0] + WORKER_NICENESS for p in seen)
 
 
 def test_conversations_keep_history_server_side(tmp_path: Path) -> None:
