@@ -468,6 +468,9 @@ ConcurrencyOption = Annotated[
 def eval_gsm8k_command(
     data: Annotated[Path, typer.Option(help="GSM8K JSONL (question, answer with ####).")],
     limit: Annotated[int | None, typer.Option(min=1)] = None,
+    start: Annotated[
+        int, typer.Option(min=0, help="Skip this many rows first (e.g. a held-out range).")
+    ] = 0,
     mode: Annotated[str, typer.Option(help="pal or cot.")] = "pal",
     samples: Annotated[int, typer.Option(min=1, max=40)] = 1,
     concurrency: ConcurrencyOption = 1,
@@ -486,6 +489,7 @@ def eval_gsm8k_command(
             model,
             data,
             limit=limit,
+            start=start,
             mode=mode,
             samples=samples,
             concurrency=concurrency,

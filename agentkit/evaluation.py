@@ -54,11 +54,14 @@ def map_in_order(
     return results
 
 
-def load_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+def load_jsonl(path: Path, limit: int | None = None, start: int = 0) -> list[dict[str, Any]]:
+    """Rows ``start`` to ``start + limit`` (0-based, file order) of a JSONL file."""
     if not Path(path).is_file():
         raise InvalidPathError(f"no data file at {path}: pass a JSONL file with --data")
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return rows[:limit] if limit else rows
+    if start >= len(rows) > 0:
+        raise InvalidPathError(f"{path} has {len(rows)} rows; --start {start} is past the end")
+    return rows[start : start + limit] if limit else rows[start:]
 
 
 def gold_number(answer: str) -> float:
@@ -92,6 +95,7 @@ def eval_gsm8k(
     data: Path,
     *,
     limit: int | None = None,
+    start: int = 0,
     mode: str = "pal",
     samples: int = 1,
     concurrency: int = 1,
@@ -99,7 +103,7 @@ def eval_gsm8k(
 ) -> dict[str, Any]:
     if mode not in ("pal", "cot"):
         raise ValueError(f"unknown mode {mode!r}: use pal or cot")
-    rows = load_jsonl(data, limit)
+    rows = load_jsonl(data, limit, start)
     sandbox = Sandbox() if mode == "pal" else None
     pal = PAL(model, sandbox, samples=samples) if sandbox else None
 
@@ -137,6 +141,7 @@ def eval_gsm8k(
     return {
         "mode": mode,
         "samples": samples,
+        "items": [start, start + n],  # 0-based, end excluded: which rows of the file
         "n": n,
         "accuracy": sum(r["correct"] for r in records) / n if n else 0.0,
         "execution_errors": sum(r["error_type"] not in (None, "timeout") for r in errors),

@@ -15,6 +15,7 @@ from agentkit.evaluation import (
     normalize_answer,
     strip_citations,
 )
+from agentkit.errors import AgentkitError
 from agentkit.testing import ScriptedChatModel
 
 
@@ -69,3 +70,17 @@ def test_eval_gsm8k_sends_concurrency_requests_at_once(tmp_path: Path) -> None:
     assert [r["correct"] for r in report["records"]] == [True, True, False, True]
     assert report["accuracy"] == 0.75 and report["concurrency"] == 4
     assert report["problems_per_minute"] > 0
+
+
+def test_eval_gsm8k_start_and_limit_pick_a_range_of_rows(tmp_path: Path) -> None:
+    data = tmp_path / "g.jsonl"
+    rows = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(6)]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    model = ScriptedChatModel(
+        lambda messages, **kw: f"The answer is {messages[-1]['content'][-1]}."
+    )
+    report = eval_gsm8k(model, data, mode="cot", start=2, limit=3)
+    assert [r["question"] for r in report["records"]] == ["q2", "q3", "q4"]
+    assert report["items"] == [2, 5] and report["accuracy"] == 1.0
+    with pytest.raises(AgentkitError, match="past the end"):
+        eval_gsm8k(model, data, mode="cot", start=6)
