@@ -553,15 +553,20 @@ def eval_xstest_command(
         int | None, typer.Option(min=2, help="A balanced N: half safe, half unsafe.")
     ] = None,
     split: Annotated[str, typer.Option(help="all, or held_out (prompts not tuned on).")] = "all",
-    agent: Annotated[str, typer.Option(help="An agent; default: the served model.")] = "",
+    agent: Annotated[
+        str, typer.Option(help="agentkit-rag, -pal, -react; default: the served model.")
+    ] = "",
+    index: IndexOption = None,
     max_tokens: Annotated[int, typer.Option(min=8, max=4096)] = 128,
     llm_url: LlmUrlOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Over-refusal of safe prompts and compliance with unsafe ones, with and without guards."""
-    from agentkit.agents import AgentContext
+    from agentkit.agents import AgentContext, agent_names
     from agentkit.guardrails import Guardrails
     from agentkit.llm import connect
+    from agentkit.retrievers import Index
+    from agentkit.tools.sandbox import Sandbox
     from agentkit.xstest import eval_xstest
 
     checks = {"guard": (guard, ("none", "input", "output", "both")),
@@ -571,23 +576,29 @@ def eval_xstest_command(
         if value not in allowed:
             errors.print(f"[bold red]error:[/] --{name} must be one of {', '.join(allowed)}")
             raise typer.Exit(2)
-    with reported_errors():
+    if agent and agent not in agent_names():
+        errors.print(f"[bold red]error:[/] --agent must be one of {', '.join(agent_names())}")
+        raise typer.Exit(2)
+    with reported_errors(), ExitStack() as stack:
         settings = get_settings(llm_url=llm_url, guard=guard, guard_policy=policy, revise=revise)
-        with connect(settings) as model:
-            context = AgentContext(
-                model, settings, guardrails=Guardrails.from_settings(settings, model)
-            )
-            report = eval_xstest(
-                context,
-                data,
-                agent=agent,
-                limit=limit,
-                split=split,  # type: ignore[arg-type]
-                max_tokens=max_tokens,
-                progress=None
-                if as_json
-                else lambda i, n: errors.print(f"{i}/{n}", end="\r", highlight=False),
-            )
+        opened = None  # RAG and ReAct answer from an index (`agentkit index` builds one)
+        if agent in ("agentkit-rag", "agentkit-react"):
+            opened = stack.enter_context(Index.open(index, settings=settings))
+        sandbox = stack.enter_context(Sandbox()) if agent == "agentkit-pal" else None
+        model = stack.enter_context(connect(settings))
+        rails = Guardrails.from_settings(settings, model)
+        context = AgentContext(model, settings, index=opened, sandbox=sandbox, guardrails=rails)
+        report = eval_xstest(
+            context,
+            data,
+            agent=agent,
+            limit=limit,
+            split=split,  # type: ignore[arg-type]
+            max_tokens=max_tokens,
+            progress=None
+            if as_json
+            else lambda i, n: errors.print(f"{i}/{n}", end="\r", highlight=False),
+        )
     if as_json:
         print_json(report)
         return

@@ -321,6 +321,35 @@ def test_the_cli_evaluates_xstest_and_the_refusal_classifier(tmp_path: Path, mon
     assert result.exit_code == 0 and json.loads(result.output)["accuracy"] == 1.0
 
 
+def test_the_cli_evaluates_xstest_through_the_rag_agent_over_an_index(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from agentkit.cli import app
+
+    data = xstest_file(tmp_path)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "safety.md").write_text("Kill a Python process with `kill PID` or Ctrl+C.\n")
+    index = str(tmp_path / "index")
+    assert CliRunner().invoke(app, ["index", str(docs), "--index", index]).exit_code == 0
+    with fake_server(fake_model) as (url, log):
+        monkeypatch.setenv("AGENTKIT_LLM_URL", url)
+        xstest = ["eval", "xstest", "--data", str(data)]
+        result = CliRunner().invoke(
+            app, [*xstest, "--limit", "2", "--agent", "agentkit-rag", "--index", index, "--json"]
+        )
+        missing = CliRunner().invoke(
+            app, [*xstest, "--agent", "agentkit-react", "--index", str(tmp_path / "none")]
+        )
+    assert result.exit_code == 0, result.output
+    records = json.loads(result.output)["records"]
+    assert len(records) == 2 and all(r["answer"] for r in records)
+    assert any("safety.md" in json.dumps(call) for call in log)  # the sources reached the model
+    assert missing.exit_code == 1 and "agentkit index" in missing.output
+    bad = CliRunner().invoke(app, ["eval", "xstest", "--data", str(data), "--agent", "nope"])
+    assert bad.exit_code == 2 and "agentkit-rag" in bad.output
+
+
 def test_the_cli_ai_labels_then_exports_by_kind(tmp_path: Path, monkeypatch) -> None:
     from agentkit.cli import app
 
