@@ -33,9 +33,10 @@ class Settings(BaseSettings):
     embedding_model: str = Field(
         DEFAULT_EMBEDDING_MODEL, description="sentence-transformers model name or local path."
     )
-    embedding_backend: Literal["auto", "onnx-int8", "torch"] = Field(
+    embedding_backend: Literal["auto", "onnx-int8", "onnx-fp32", "torch"] = Field(
         "auto",
-        description="auto: torch on CUDA, else onnx-int8 (ONNX Runtime, int8 weights) on CPU.",
+        description="auto: torch on CUDA; on a CPU the fastest of onnx-int8, onnx-fp32 (ONNX "
+        "Runtime, int8 or float32 weights) and torch, measured once per CPU and cached.",
     )
     embedding_device: Literal["auto", "cpu", "cuda"] = Field("auto")
     embedding_batch_size: int = Field(32, ge=1, le=4096)

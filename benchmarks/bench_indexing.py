@@ -6,6 +6,10 @@ MiniLM, fp32) + FAISS.from_documents. Both timings include loading the files and
 Token counts say how much text each side embedded: the baseline's 1,000-character chunks are
 cut at the model's 256 tokens; ours are sized to fit, with a title/heading prefix each.
 
+Before the timed runs, the configured embedding backend is resolved once, untimed: with
+``auto`` on a CPU that is the one-time measurement of the backends on this machine (cached
+beside the ONNX export, as the export itself), whose figures the result records.
+
     .venv/bin/python benchmarks/bench_indexing.py [--folder DIR]
 """
 
@@ -20,8 +24,9 @@ from pathlib import Path
 
 from common import SHARED, write_result
 
-from agentkit import index_folder
-from agentkit.retrievers.embedding import resolve_model_path
+from agentkit import Index, index_folder
+from agentkit.retrievers.embedding import Embedder, available_cores, resolve_model_path
+from agentkit.settings import get_settings
 
 
 def langchain_pipeline(folder: Path) -> dict:
@@ -62,15 +67,35 @@ def tokens_embedded(index: Path) -> int:
         return int(db.execute("SELECT sum(n_tokens) + 2 * count(*) FROM chunks").fetchone()[0])
 
 
-def embedding_runtime() -> dict:
-    """What ran the embeddings: the backend setting and the runtimes' versions and threads (the
-    per-machine differences in this benchmark's figures come from here and from the CPU)."""
+def resolve_backend() -> dict:
+    """The backend the configured setting resolves to on this machine (``auto`` measures the
+    backends once and caches the choice), and the measured chunks/s it chose by."""
+    settings = get_settings()
+    embedder = Embedder(
+        settings.embedding_model,
+        backend=settings.embedding_backend,
+        device=settings.embedding_device,
+        batch_size=settings.embedding_batch_size,
+        cache_dir=settings.cache_dir,
+    )
+    started = time.perf_counter()
+    resolved = {"backend": embedder.backend, "seconds": round(time.perf_counter() - started, 2)}
+    if embedder.choice is not None:  # auto on a CPU
+        resolved["choice"] = {
+            "reason": embedder.choice.reason,  # "measured" in this run, or "cached" earlier
+            "chunks_per_second": embedder.choice.rates,
+            "measured_at": embedder.choice.measured_at,
+        }
+    return resolved
+
+
+def embedding_runtime(resolved: dict, index: Path) -> dict:
+    """What ran the embeddings: the backend setting, what it resolved to and the index used, the
+    runtimes' versions and threads (the per-machine differences in this benchmark's figures come
+    from here and from the CPU)."""
     import importlib.metadata
-    import os
 
     import torch
-
-    from agentkit.settings import get_settings
 
     def version(dist: str) -> str | None:
         try:
@@ -78,14 +103,18 @@ def embedding_runtime() -> dict:
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = available_cores()
+    with Index.open(index) as opened:
+        used = opened.store.manifest["embedding"]["backend"]
     return {
         "backend_setting": get_settings().embedding_backend,
+        "backend_resolved": resolved,
+        "backend_used": used,
         "onnxruntime": version("onnxruntime"),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "cores_available": cores,
-        "onnx_sessions": min(2, max(1, cores or 1)),
+        "onnx_sessions": min(2, cores),
     }
 
 
@@ -95,6 +124,7 @@ def main() -> None:
         "--folder", type=Path, default=SHARED / "data" / "docs" / "fastapi-docs" / "en"
     )
     args = parser.parse_args()
+    resolved = resolve_backend()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "docs"
         shutil.copytree(args.folder, folder)
@@ -108,12 +138,13 @@ def main() -> None:
             changed_file.read_text() + "\n\nOne more paragraph, added by the benchmark.\n"
         )
         one = index_folder(folder, index)
+        runtime = embedding_runtime(resolved, index)
     ours_rate = cold.chunks_per_second
     write_result(
         "indexing",
         {
             "folder": str(args.folder),
-            "embedding_runtime": embedding_runtime(),
+            "embedding_runtime": runtime,
             "langchain": baseline,
             "agentkit_cold": {
                 "chunks": cold.chunks_embedded,
