@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agentkit.errors import InvalidPathError
+from agentkit.errors import InvalidPathError, ModelServerError
 from agentkit.llm import ChatModel
 from agentkit.pal import PAL
 from agentkit.prompts import load_messages
@@ -64,6 +64,13 @@ def load_jsonl(path: Path, limit: int | None = None, start: int = 0) -> list[dic
     return rows[start : start + limit] if limit else rows[start:]
 
 
+def raise_if_all_failed(records: list[dict[str, Any]]) -> None:
+    """A problem whose model call failed (e.g. timed out under load) is scored wrong and counted
+    in ``model_errors``; when every one failed, the server is down: say so, not "accuracy 0"."""
+    if records and all(r.get("error_type") == "model_error" for r in records):
+        raise ModelServerError(f"every model call failed; the first: {records[0]['error']}")
+
+
 def gold_number(answer: str) -> float:
     """The number after ``####`` in a GSM8K answer."""
     return float(answer.split("####")[-1].strip().replace(",", "").replace("$", ""))
@@ -111,6 +118,16 @@ def eval_gsm8k(
         gold = gold_number(row["answer"])
         started = time.perf_counter()
         record: dict[str, Any] = {"question": row["question"], "gold": gold}
+        try:
+            predicted = solve(row, record)
+        except ModelServerError as error:  # this problem is lost, not the whole evaluation
+            predicted = None
+            record.update(predicted=None, error_type="model_error", error=str(error))
+        record["correct"] = same_number(predicted, gold)
+        record["latency_s"] = time.perf_counter() - started
+        return record
+
+    def solve(row: dict[str, Any], record: dict[str, Any]) -> float | None:
         if pal is not None:
             answer = pal.solve(row["question"])
             predicted = as_number(answer.value)
@@ -125,9 +142,7 @@ def eval_gsm8k(
             reply = model.complete(messages, temperature=0.0, max_tokens=400).text
             predicted = last_number(reply)
             record.update(predicted=predicted, error_type=None, reply=reply)
-        record["correct"] = same_number(predicted, gold)
-        record["latency_s"] = time.perf_counter() - started
-        return record
+        return predicted
 
     started = time.perf_counter()
     try:
@@ -136,6 +151,7 @@ def eval_gsm8k(
         if sandbox:
             sandbox.close()
     wall_s = time.perf_counter() - started
+    raise_if_all_failed(records)
     n = len(records)
     errors = [r for r in records if r.get("error_type")]
     return {
@@ -144,7 +160,10 @@ def eval_gsm8k(
         "items": [start, start + n],  # 0-based, end excluded: which rows of the file
         "n": n,
         "accuracy": sum(r["correct"] for r in records) / n if n else 0.0,
-        "execution_errors": sum(r["error_type"] not in (None, "timeout") for r in errors),
+        "execution_errors": sum(
+            r["error_type"] not in (None, "timeout", "model_error") for r in errors
+        ),
+        "model_errors": sum(r["error_type"] == "model_error" for r in errors),
         "timeouts": sum(r["error_type"] == "timeout" for r in errors),
         "repaired": sum(bool(r.get("repaired")) for r in records),
         "mean_latency_s": statistics.fmean(r["latency_s"] for r in records) if n else 0.0,
@@ -242,6 +261,18 @@ def eval_hotpotqa(
                 "tool_errors": 0,
                 "fallback": False,
             }
+            try:
+                answer(item, record)
+            except ModelServerError as error:  # this question is lost, not the evaluation
+                record.update(prediction="", error_type="model_error", error=str(error))
+            record["exact_match"] = float(
+                normalize_answer(record["prediction"]) == normalize_answer(item["answer"])
+            )
+            record["f1"] = f1_score(record["prediction"], item["answer"])
+            record["latency_s"] = time.perf_counter() - started
+            return record
+
+        def answer(item: dict[str, Any], record: dict[str, Any]) -> None:
             if mode == "react":
                 result = ReAct(model, index=index, structured=structured, max_steps=max_steps).run(
                     item["question"]
@@ -267,16 +298,11 @@ def eval_hotpotqa(
                 ).text
                 record["prediction"] = reply.split("Answer:")[-1].strip().split("\n")[0]
                 record["reply"] = reply
-            record["exact_match"] = float(
-                normalize_answer(record["prediction"]) == normalize_answer(item["answer"])
-            )
-            record["f1"] = f1_score(record["prediction"], item["answer"])
-            record["latency_s"] = time.perf_counter() - started
-            return record
 
         started = time.perf_counter()
         records = map_in_order(score, questions, concurrency=concurrency, progress=progress)
         wall_s = time.perf_counter() - started
+    raise_if_all_failed(records)
     n = len(records) or 1
     return {
         "mode": mode,
@@ -285,6 +311,7 @@ def eval_hotpotqa(
         "f1": sum(r["f1"] for r in records) / n,
         "parse_failures": sum(r["parse_failures"] for r in records),
         "tool_errors": sum(r["tool_errors"] for r in records),
+        "model_errors": sum(r.get("error_type") == "model_error" for r in records),
         "fallbacks": sum(r["fallback"] for r in records),
         "mean_steps": sum(r["steps"] for r in records) / n,
         "mean_latency_s": sum(r["latency_s"] for r in records) / n,

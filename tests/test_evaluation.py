@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from agentkit.errors import AgentkitError, ModelServerError
 from agentkit.evaluation import (
     eval_gsm8k,
     f1_score,
@@ -15,7 +16,6 @@ from agentkit.evaluation import (
     normalize_answer,
     strip_citations,
 )
-from agentkit.errors import AgentkitError
 from agentkit.testing import ScriptedChatModel
 
 
@@ -84,3 +84,25 @@ def test_eval_gsm8k_start_and_limit_pick_a_range_of_rows(tmp_path: Path) -> None
     assert report["items"] == [2, 5] and report["accuracy"] == 1.0
     with pytest.raises(AgentkitError, match="past the end"):
         eval_gsm8k(model, data, mode="cot", start=6)
+
+
+def test_a_model_call_that_fails_loses_its_problem_not_the_evaluation(tmp_path: Path) -> None:
+    data = tmp_path / "g.jsonl"
+    rows = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(3)]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+
+    def reply(messages: list[dict[str, str]], **kw: object) -> str:
+        if messages[-1]["content"].endswith("q1"):
+            raise ModelServerError("the model server did not answer within 300 s")
+        return f"The answer is {messages[-1]['content'][-1]}."
+
+    report = eval_gsm8k(ScriptedChatModel(reply), data, mode="cot", concurrency=2)
+    assert [r["correct"] for r in report["records"]] == [True, False, True]
+    assert report["model_errors"] == 1 and report["execution_errors"] == 0
+    assert "300 s" in report["records"][1]["error"]
+
+    def down(messages: list[dict[str, str]], **kw: object) -> str:
+        raise ModelServerError("no model server at http://127.0.0.1:1")
+
+    with pytest.raises(ModelServerError, match="every model call failed.*no model server"):
+        eval_gsm8k(ScriptedChatModel(down), data, mode="cot")
