@@ -609,17 +609,39 @@ def eval_xstest_command(
 def eval_refusal_command(
     data: Annotated[Path, typer.Option(help="XSTest's labelled completions CSV.")],
     split: Annotated[str, typer.Option(help="all, tuning or held_out.")] = "held_out",
+    classifier: Annotated[
+        str,
+        typer.Option(
+            help="rules (string rules), learned (n-grams and sentence embeddings, "
+            "prompts/refusal_classifier.npz) or judge (the served model)."
+        ),
+    ] = "rules",
+    llm_url: LlmUrlOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Accuracy and confusion matrix of the refusal classifier against human labels."""
-    from agentkit.refusal import validate_refusal
+    """Accuracy and confusion matrix of a refusal classifier against human labels."""
+    from agentkit.llm import connect
+    from agentkit.refusal import RefusalJudge, validate_refusal
+    from agentkit.refusal_model import RefusalClassifier
 
-    if split not in ("all", "tuning", "held_out"):
-        errors.print("[bold red]error:[/] --split must be all, tuning or held_out")
-        raise typer.Exit(2)
-    with reported_errors():
-        report = validate_refusal(data, split=split)  # type: ignore[arg-type]
-    print_json(report, indent=2 if not as_json else None)
+    checks = {"split": (split, ("all", "tuning", "held_out")),
+              "classifier": (classifier, ("rules", "learned", "judge"))}  # fmt: skip
+    for name, (value, allowed) in checks.items():
+        if value not in allowed:
+            errors.print(f"[bold red]error:[/] --{name} must be one of {', '.join(allowed)}")
+            raise typer.Exit(2)
+    with reported_errors(), ExitStack() as stack:
+        if classifier == "judge":
+            model = stack.enter_context(connect(get_settings(llm_url=llm_url)))
+            judge: Any = RefusalJudge(model)
+        elif classifier == "learned":
+            judge = RefusalClassifier.load()  # no fallback: an unloadable model is an error
+        report = validate_refusal(
+            data,
+            None if classifier == "rules" else lambda q, a: judge.classify(q, a).label,
+            split=split,  # type: ignore[arg-type]
+        )
+    print_json({"classifier": classifier, **report}, indent=2 if not as_json else None)
 
 
 @app.command("react")
