@@ -31,6 +31,14 @@ IndexOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Quiet, machine-readable output.")]
 
 
+def require_choices(**options: tuple[str, tuple[str, ...]]) -> None:
+    """Exit 2 (a usage error) naming the first ``--option`` whose value is not one allowed."""
+    for name, (value, allowed) in options.items():
+        if value not in allowed:
+            errors.print(f"[bold red]error:[/] --{name} must be one of {', '.join(allowed)}")
+            raise typer.Exit(2)
+
+
 @contextmanager
 def reported_errors() -> Iterator[None]:
     """Our errors become one line on stderr and exit status 1, never a traceback."""
@@ -569,16 +577,11 @@ def eval_xstest_command(
     from agentkit.tools.sandbox import Sandbox
     from agentkit.xstest import eval_xstest
 
-    checks = {"guard": (guard, ("none", "input", "output", "both")),
-              "policy": (policy, ("block", "flag", "revise")),
-              "split": (split, ("all", "tuning", "held_out"))}  # fmt: skip
-    for name, (value, allowed) in checks.items():
-        if value not in allowed:
-            errors.print(f"[bold red]error:[/] --{name} must be one of {', '.join(allowed)}")
-            raise typer.Exit(2)
-    if agent and agent not in agent_names():
-        errors.print(f"[bold red]error:[/] --agent must be one of {', '.join(agent_names())}")
-        raise typer.Exit(2)
+    require_choices(guard=(guard, ("none", "input", "output", "both")),
+                    policy=(policy, ("block", "flag", "revise")),
+                    split=(split, ("all", "tuning", "held_out")))  # fmt: skip
+    if agent:
+        require_choices(agent=(agent, tuple(agent_names())))
     with reported_errors(), ExitStack() as stack:
         settings = get_settings(llm_url=llm_url, guard=guard, guard_policy=policy, revise=revise)
         opened = None  # RAG and ReAct answer from an index (`agentkit index` builds one)
@@ -624,12 +627,8 @@ def eval_refusal_command(
     from agentkit.refusal import RefusalJudge, validate_refusal
     from agentkit.refusal_model import RefusalClassifier
 
-    checks = {"split": (split, ("all", "tuning", "held_out")),
-              "classifier": (classifier, ("rules", "learned", "judge"))}  # fmt: skip
-    for name, (value, allowed) in checks.items():
-        if value not in allowed:
-            errors.print(f"[bold red]error:[/] --{name} must be one of {', '.join(allowed)}")
-            raise typer.Exit(2)
+    require_choices(split=(split, ("all", "tuning", "held_out")),
+                    classifier=(classifier, ("rules", "learned", "judge")))  # fmt: skip
     with reported_errors(), ExitStack() as stack:
         if classifier == "judge":
             model = stack.enter_context(connect(get_settings(llm_url=llm_url)))

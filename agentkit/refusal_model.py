@@ -118,6 +118,12 @@ def sentence_features(
     return np.asarray(rows, dtype=np.float64).reshape(len(answers), -1) * config.embedding_scale
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Each row's probabilities (shifted by its maximum, so no exponent overflows)."""
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
 def fit_softmax(
     features: np.ndarray,
     labels: np.ndarray,
@@ -151,10 +157,7 @@ def fit_softmax(
     penalty[-1] = 0.0
     for iteration in range(iterations):
         look = params + momentum * (params - previous)
-        logits = design @ look
-        logits -= logits.max(axis=1, keepdims=True)
-        probs = np.exp(logits)
-        probs /= probs.sum(axis=1, keepdims=True)
+        probs = softmax(design @ look)
         gradient = design.T @ (probs - onehot) / n + lam * penalty * look
         previous, params = params, look - step * gradient
         if iteration % 100 == 99 and np.abs(gradient).max() < tolerance:
@@ -183,10 +186,7 @@ class RefusalClassifier:
         opening = [ngrams(normalize(a)[: self.config.opening_chars], self.config.max_ngram)
                    for a in answers]  # fmt: skip
         features = np.hstack([self.vocabulary.transform(opening), sentence_vectors])
-        logits = features @ self.weights + self.bias
-        logits -= logits.max(axis=1, keepdims=True)
-        probs = np.exp(logits)
-        return probs / probs.sum(axis=1, keepdims=True)
+        return softmax(features @ self.weights + self.bias)
 
     def classify_many(self, questions: Sequence[str], answers: Sequence[str]) -> list[Label]:
         """Labels of many answers, embedded in one batch (the questions are not used)."""
@@ -250,14 +250,7 @@ def default_embedder(config: FeatureConfig) -> TextEmbedder:
     from agentkit.retrievers.embedding import Embedder
     from agentkit.settings import get_settings
 
-    settings = get_settings()
-    return Embedder(
-        config.embedding_model,
-        backend=settings.embedding_backend,
-        device=settings.embedding_device,
-        batch_size=settings.embedding_batch_size,
-        cache_dir=settings.cache_dir,
-    )
+    return Embedder.from_settings(get_settings(), model=config.embedding_model)
 
 
 def train_refusal_classifier(

@@ -70,14 +70,7 @@ def tokens_embedded(index: Path) -> int:
 def resolve_backend() -> dict:
     """The backend the configured setting resolves to on this machine (``auto`` measures the
     backends once and caches the choice), and the measured chunks/s it chose by."""
-    settings = get_settings()
-    embedder = Embedder(
-        settings.embedding_model,
-        backend=settings.embedding_backend,
-        device=settings.embedding_device,
-        batch_size=settings.embedding_batch_size,
-        cache_dir=settings.cache_dir,
-    )
+    embedder = Embedder.from_settings(get_settings())
     started = time.perf_counter()
     resolved = {"backend": embedder.backend, "seconds": round(time.perf_counter() - started, 2)}
     if embedder.choice is not None:  # auto on a CPU

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from agentkit.errors import EmbeddingModelError
-from agentkit.settings import DEFAULT_EMBEDDING_MODEL
+from agentkit.settings import DEFAULT_EMBEDDING_MODEL, Settings
 
 from .chunking import TokenCounter
 
@@ -169,6 +169,20 @@ class Embedder:
         self.choice: BackendChoice | None = None
         self._encoder: Encoder | None = None
 
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, model: str | None = None, backend: str | None = None
+    ) -> Embedder:
+        """The embedder ``settings`` configure; ``model`` and ``backend`` replace theirs (an
+        index reopens with the ones it was built with)."""
+        return cls(
+            model or settings.embedding_model,
+            backend=backend or settings.embedding_backend,
+            device=settings.embedding_device,
+            batch_size=settings.embedding_batch_size,
+            cache_dir=settings.cache_dir,
+        )
+
     @property
     def encoder(self) -> Encoder:
         if self._encoder is None:
@@ -259,15 +273,6 @@ def choice_file(model_dir: Path, cache_dir: Path, key: dict[str, Any]) -> Path:
     """Where ``auto``'s choice for ``key`` is cached: beside the model's ONNX files."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return export_dir(model_dir, cache_dir) / f"backend-{digest}.json"
-
-
-def cached_backend_choice(name: str, cache_dir: Path, batch_size: int = 32) -> BackendChoice | None:
-    """The choice ``auto`` made on this CPU for model ``name``, if it has measured already."""
-    model_dir = Path(resolve_model_path(name))
-    if not model_dir.is_dir():
-        return None
-    key = backend_choice_key(model_dir, batch_size)
-    return _read_choice(choice_file(model_dir, cache_dir, key), key)
 
 
 def pick_backend(rates: dict[str, float]) -> str:

@@ -40,12 +40,8 @@ class Index:
         self.store = store
         self.settings = settings
         embedding = store.manifest["embedding"]
-        self.embedder = embedder or Embedder(
-            embedding["model"],
-            backend=embedding["backend"],
-            device=settings.embedding_device,
-            batch_size=settings.embedding_batch_size,
-            cache_dir=settings.cache_dir,
+        self.embedder = embedder or Embedder.from_settings(
+            settings, model=embedding["model"], backend=embedding["backend"]
         )
         chunking = store.manifest["chunking"]
         self.chunking = ChunkingParams(chunking["max_tokens"], chunking["overlap_tokens"])
@@ -84,13 +80,7 @@ class Index:
         """A new, empty index at ``path`` with the configured embedding model and chunking."""
         settings = settings or get_settings()
         path = Path(path).expanduser()
-        embedder = embedder or Embedder(
-            settings.embedding_model,
-            backend=settings.embedding_backend,
-            device=settings.embedding_device,
-            batch_size=settings.embedding_batch_size,
-            cache_dir=settings.cache_dir,
-        )
+        embedder = embedder or Embedder.from_settings(settings)
         max_tokens = min(settings.chunk_tokens or embedder.max_tokens, embedder.max_tokens)
         manifest = {
             "embedding": {
