@@ -6,7 +6,8 @@ too long for one chunk (a single-line file, a minified page) is cut on its own b
 at sentence ends or spaces, and the splitter sees the rest in blocks of bounded size: time and
 memory stay linear in the document. A final check re-tokenises each chunk with its title
 prefix, and cuts at token boundaries whatever would still exceed the model's maximum sequence
-length, so nothing is ever silently truncated.
+length, so nothing is ever silently truncated. Markdown chunks are embedded through
+``markdown_view``: the text without link targets and markup, a third fewer tokens to embed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,21 @@ from .types import ChunkSpan, LoadedDocument
 _HEADING = re.compile(r"(#{1,6})[ \t]")  # then the title: see heading_of
 _ATTRIBUTES = re.compile(r"\{\s*[#.][^}]*\}\s*$")  # `## Title { #anchor }` (attr_list, Pandoc)
 _FENCE = re.compile(r"^[ \t]*(```|~~~)")
+# What the embedding model reads of Markdown: link text without its target, images by their alt
+# text, no heading attribute lists, no inline HTML tags (their text stays). URLs are ~30% of the
+# tokens of a documentation folder (fastapi-docs/en: 157k of 517k) and mean nothing to a
+# sentence embedder; the stored chunk, its citation and the keyword index keep them.
+_LINK_TARGET = re.compile(
+    r"(!?\[(?:[^\[\]\n]|\[[^\[\]\n]*\])*\])\(((?:[^()\s]|\([^()\s]*\))+)(?:\s+\"[^\"\n]*\")?\)"
+)
+_REFERENCE_DEFINITION = re.compile(r"^[ \t]{0,3}\[[^\]\n]+\]:[ \t]*\S+.*$", re.MULTILINE)
+_HEADING_ATTRIBUTES = re.compile(r"[ \t]*\{\s*[#.][^}\n]*\}[ \t]*$", re.MULTILINE)
+_INLINE_TAG = re.compile(
+    r"</?(?:a|abbr|img|span|div|sup|sub|small|strong|em|b|i|u|br|p|font|kbd|mark|details|summary)"
+    r"(?:\s[^<>]*)?/?>",
+    re.IGNORECASE,
+)
+_URL = re.compile(r"<?https?://[^\s<>)\]]+>?")
 MAX_PREFIX_TOKENS = 48
 MAX_TITLE_CHARS = 200  # longer titles and headings are cut (a 50 MB "# ..." line is no title)
 MAX_CHARS_PER_TOKEN = 8  # a chunk holds at most budget * this many characters
@@ -134,6 +150,26 @@ def chunk_prefix(title: str, heading: str, counter: TokenCounter) -> str:
     return prefix.strip()
 
 
+def _link_text(match: re.Match[str]) -> str:
+    """A link's text, or the match unchanged when its "target" is no path, URL or anchor
+    (``handlers[0](event)`` in code)."""
+    if not any(mark in match.group(2) for mark in "/.#:"):
+        return match.group(0)
+    return match.group(1).lstrip("!")[1:-1]
+
+
+def markdown_view(text: str) -> str:
+    """``text`` as the embedding model should read it: Markdown without link targets, image
+    sources, reference definitions, heading attributes, inline HTML tags and bare URLs ("" when
+    nothing changes, or nothing would be left)."""
+    view = _LINK_TARGET.sub(_link_text, text)
+    view = _REFERENCE_DEFINITION.sub("", view)
+    view = _HEADING_ATTRIBUTES.sub("", view)
+    view = _INLINE_TAG.sub("", view)
+    view = _URL.sub("", view)
+    return view if view != text and view.strip() else ""
+
+
 def embedding_text(prefix: str, text: str) -> str:
     return f"{prefix}\n{text}" if prefix else text
 
@@ -195,13 +231,15 @@ def iter_chunks(
                     at = found if found >= 0 else cursor
                     cursor = at + len(part)
                     char_start = section.start + offset + start + at
+                    view = markdown_view(part) if is_markdown else ""
                     yield ChunkSpan(
                         text=part,
                         heading=section.heading,
                         char_start=char_start,
                         char_end=char_start + len(part),
-                        n_tokens=n_tokens,
+                        n_tokens=count(embedding_text(prefix, view)) if view else n_tokens,
                         prefix=prefix,
+                        view=view,
                     )
 
 

@@ -95,6 +95,8 @@ class Index:
                 "markdown": "split at headings, heading path kept",
                 "splitter": "langchain RecursiveCharacterTextSplitter, token-sized",
                 "prefix": "title > heading, embedded before each chunk",
+                "embedded_markdown": "without link targets, image sources, heading attributes "
+                "and inline HTML tags (stored and keyword-indexed as written)",
             },
         }
         return cls(IndexStore.create(path, manifest), settings, embedder)

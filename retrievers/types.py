@@ -30,11 +30,13 @@ class ChunkSpan:
     char_end: int
     n_tokens: int
     prefix: str = ""
+    view: str = ""  # the chunk as the model reads it, where that differs from ``text``
 
     @property
     def embedding_text(self) -> str:
-        """What the model embeds: the title/heading line, then the chunk."""
-        return f"{self.prefix}\n{self.text}" if self.prefix else self.text
+        """What the model embeds: the title/heading line, then the chunk (or its ``view``)."""
+        body = self.view or self.text
+        return f"{self.prefix}\n{body}" if self.prefix else body
 
 
 @dataclass

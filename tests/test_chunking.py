@@ -172,3 +172,38 @@ def test_a_huge_heading_line_is_a_short_heading(tokenizer: Tokenizer) -> None:
     assert all(len(c.heading) <= MAX_TITLE_CHARS + 1 for c in chunks)  # cut, with an ellipsis
     assert chunks[0].heading.startswith("word word") and chunks[0].heading.endswith("word…")
     assert "Body." in chunks[-1].text
+
+
+def test_markdown_is_embedded_without_link_targets_and_markup(tokenizer: Tokenizer) -> None:
+    text = (
+        "# Notes { #notes }\n\n"
+        "* PR [#14233](https://github.com/fastapi/fastapi/pull/14233) by "
+        '[@tiangolo](https://github.com/tiangolo). See <a href="https://x.org/a" '
+        'class="external-link">the guide</a>, ![a diagram](img/flow.png "Flow") and '
+        "<https://fastapi.tiangolo.com>.\n\n"
+        "```python\nresult = handlers[0](event)\n```\n"
+    )
+    [chunk] = chunk_document(
+        document(text), TokenCounter(tokenizer), max_tokens=MAX_TOKENS, overlap_tokens=0
+    )
+    assert chunk.text == text.strip()  # stored, cited and keyword-indexed as written
+    embedded = chunk.embedding_text
+    assert "PR #14233 by @tiangolo. See the guide, a diagram and ." in embedded
+    assert "http" not in embedded and "{ #notes }" not in embedded and "img/" not in embedded
+    assert "handlers[0](event)" in embedded  # code that only looks like a link stays
+    assert chunk.n_tokens == len(tokenizer.encode(embedded, add_special_tokens=False).ids)
+
+
+def test_plain_text_and_markup_free_markdown_are_embedded_as_written(tokenizer: Tokenizer) -> None:
+    counter = TokenCounter(tokenizer)
+    url = "Docs at https://example.com/a and [x](y.md)"
+    [plain] = chunk_document(
+        document(url, fmt="txt"), counter, max_tokens=MAX_TOKENS, overlap_tokens=0
+    )
+    assert plain.embedding_text.endswith(url)
+    [md] = chunk_document(document("Just words."), counter, max_tokens=MAX_TOKENS, overlap_tokens=0)
+    assert md.view == "" and md.embedding_text.endswith("Just words.")
+    [image] = chunk_document(
+        document("![](only.png)"), counter, max_tokens=MAX_TOKENS, overlap_tokens=0
+    )
+    assert image.embedding_text.endswith("![](only.png)")  # nothing left: embedded as written
