@@ -3,11 +3,11 @@ their CLI commands (against a fake OpenAI-compatible server)."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import pytest
+from csv_support import write_csv
 from fake_server import MODELS, completion_body, fake_server
 from typer.testing import CliRunner
 
@@ -102,14 +102,6 @@ def test_confusion_counts_and_accuracy() -> None:
     report = confusion([("a", "a"), ("a", "b"), ("b", "b")], ("a", "b"))
     assert report["accuracy"] == pytest.approx(2 / 3)
     assert report["matrix"] == {"a": {"a": 1, "b": 1}, "b": {"a": 0, "b": 1}}
-
-
-def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
-    with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def test_the_classifier_is_validated_against_human_labels(tmp_path: Path) -> None:

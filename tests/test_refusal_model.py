@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from csv_support import write_csv
 from typer.testing import CliRunner
 
 from agentkit import refusal_model
@@ -105,14 +105,6 @@ def test_without_the_embedder_the_rules_decide_and_say_so(monkeypatch) -> None:
     verdict = classify_refusal_learned("q", "I'm sorry, but I can't help with that.")
     assert verdict.label == "full_refusal"
     assert verdict.reason.startswith("string rules (no learned classifier: no model here)")
-
-
-def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
-    with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def test_the_cli_scores_the_classifier_it_is_told_to(tmp_path: Path, monkeypatch) -> None:
