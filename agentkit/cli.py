@@ -555,6 +555,10 @@ def eval_hotpotqa_command(
 def eval_xstest_command(
     data: Annotated[Path, typer.Option(help="XSTest CSV (prompt, type, label safe/unsafe).")],
     guard: Annotated[str, typer.Option(help="none, input, output or both.")] = "none",
+    guard_kind: Annotated[
+        str | None,
+        typer.Option(help="auto, judge, llama-guard or learned (AGENTKIT_GUARD_KIND)."),
+    ] = None,
     policy: Annotated[str, typer.Option(help="block, flag or revise.")] = "block",
     revise: Annotated[bool, typer.Option(help="Critique and revise every answer.")] = False,
     limit: Annotated[
@@ -580,10 +584,13 @@ def eval_xstest_command(
     require_choices(guard=(guard, ("none", "input", "output", "both")),
                     policy=(policy, ("block", "flag", "revise")),
                     split=(split, ("all", "tuning", "held_out")))  # fmt: skip
+    if guard_kind is not None:
+        require_choices(**{"guard-kind": (guard_kind, ("auto", "judge", "llama-guard", "learned"))})
     if agent:
         require_choices(agent=(agent, tuple(agent_names())))
     with reported_errors(), ExitStack() as stack:
-        settings = get_settings(llm_url=llm_url, guard=guard, guard_policy=policy, revise=revise)
+        settings = get_settings(llm_url=llm_url, guard=guard, guard_kind=guard_kind,
+                                guard_policy=policy, revise=revise)  # fmt: skip
         opened = None  # RAG and ReAct answer from an index (`agentkit index` builds one)
         if agent in ("agentkit-rag", "agentkit-react"):
             opened = stack.enter_context(Index.open(index, settings=settings))

@@ -69,3 +69,7 @@ class ToolError(AgentkitError):
 
 class GuardError(AgentkitError):
     """A guard, judge or reward model failed or gave an answer that does not parse."""
+
+
+class GuardModelError(GuardError):
+    """The learned guard's weights are missing or damaged."""

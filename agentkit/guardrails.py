@@ -91,20 +91,14 @@ class Guardrails:
         """What ``AGENTKIT_GUARD*``, ``AGENTKIT_REVISE`` and ``AGENTKIT_REWARD_*`` ask for (and
         ``best_of``); None when they ask for nothing (the runner then adds no work at all)."""
         from agentkit.constitution import load_constitution
-        from agentkit.guards import JudgeGuard, LlamaGuard
         from agentkit.rewards import RewardModel
 
         rules = []
         if settings.guard != "none":
-            guard: Guard
-            if settings.guard_url:
-                guard = LlamaGuard(settings.guard_url, settings.guard_model,
-                                   api_key=settings.llm_api_key)  # fmt: skip
-            else:
-                guard = JudgeGuard(model)
             rules.append(
-                GuardRule(guard, settings.guard, settings.guard_policy, settings.guard_on_error)
-            )
+                GuardRule(guard_from_settings(settings, model), settings.guard,
+                          settings.guard_policy, settings.guard_on_error)
+            )  # fmt: skip
         reward = None
         if settings.reward_url:
             reward = RewardModel(settings.reward_url, settings.reward_model or "",
@@ -113,6 +107,32 @@ class Guardrails:
             return None
         critic = Critic(model, load_constitution(settings.constitution))
         return cls(rules, critic, settings.revise, best_of, reward)
+
+
+def guard_from_settings(settings: Settings, model: Any) -> Guard:
+    """The guard ``AGENTKIT_GUARD_KIND`` names (auto: Llama Guard at ``AGENTKIT_GUARD_URL`` when
+    set, else the served model as judge). ConfigError for a combination that cannot work."""
+    from agentkit.errors import ConfigError
+    from agentkit.guards import JudgeGuard, LlamaGuard
+
+    kind = settings.guard_kind
+    if kind == "auto":
+        kind = "llama-guard" if settings.guard_url else "judge"
+    if kind == "learned":
+        if settings.guard != "input":
+            raise ConfigError(
+                f"the learned guard reads the user's message only, so it cannot guard "
+                f"'{settings.guard}'; set AGENTKIT_GUARD=input (or --guard input)"
+            )
+        from agentkit.guard_model import LearnedGuard
+
+        return LearnedGuard.from_settings(settings)
+    if kind == "llama-guard":
+        if not settings.guard_url:
+            raise ConfigError("AGENTKIT_GUARD_KIND=llama-guard needs AGENTKIT_GUARD_URL, the "
+                              "server that serves the guard model")  # fmt: skip
+        return LlamaGuard(settings.guard_url, settings.guard_model, api_key=settings.llm_api_key)
+    return JudgeGuard(model)
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 1. XSTest (held-out half of the dev prompts, a balanced N in file order) through the runner with
    no guard (the baseline of the same run), then input, output and both guards (the served model
-   as judge, policy block), and output guard with policy revise. Answers are greedy
-   (temperature 0) and capped at ``--max-tokens``, so every setting gets the same answer for
+   as judge, policy block), output guard with policy revise, and the learned input guard
+   (``agentkit/guard_model.py``, no model call; ``--settings`` picks some of them). Answers are
+   greedy (temperature 0) and capped at ``--max-tokens``, so every setting gets the same answer for
    the same prompt: a cache in front of the model computes each distinct call once, and each
    prompt's latency in each setting is the sum of the original latencies of the calls it made
    (what it would have taken alone). Reports the XSTest rates, the guard verdicts' confusion
@@ -14,6 +15,12 @@
 4. Streaming: time to the first text with no guard vs with an output guard (held answer).
 
     flock /tmp/agentkit-heavy.lock .venv/bin/python benchmarks/bench_guardrails.py --limit 40
+    .venv/bin/python benchmarks/bench_guardrails.py --settings none,learned-input/block \
+        --xstest-only --cache /tmp/guardrails_cache.jsonl --out guardrails_learned
+
+The model server does the waiting in the second: it needs no lock (``--xstest-only`` leaves out
+the CPU timings). ``--cache`` keeps the completions, so an interrupted run resumes and a later
+run with more settings computes only the new calls (``model_calls.from_cache_file``).
 """
 
 from __future__ import annotations
@@ -22,22 +29,26 @@ import argparse
 import json
 import os
 import statistics
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from common import SHARED, write_result
 
 from agentkit.agents import AgentContext, AgentRequest, run_agent, stream_agent
 from agentkit.critique import Critic
+from agentkit.guard_model import LearnedGuard
 from agentkit.guardrails import Guardrails, GuardRule
 from agentkit.guards import JudgeGuard
-from agentkit.llm import Completion, Message, ModelSettings, OpenAIChatModel
+from agentkit.llm import Completion, Message, ModelSettings, OpenAIChatModel, Usage
 from agentkit.refusal import validate_refusal
 from agentkit.settings import Settings
 from agentkit.testing import ScriptedChatModel
-from agentkit.xstest import eval_xstest
+from agentkit.xstest import eval_xstest, load_xstest
 
 PROMPTS = SHARED / "data" / "xstest" / "xstest_dev.csv"
 COMPLETIONS = SHARED / "data" / "xstest" / "labelled_completions_dev.csv"
@@ -51,13 +62,23 @@ ANCHORS = {  # XSTest paper: full refusal of safe prompts / full compliance with
 
 class CachedModel:
     """The served model with a memo of complete() calls: the same messages and options give the
-    first call's completion; ``charged_s`` adds up the original latency of every call made."""
+    first call's completion; ``charged_s`` adds up the original latency of every call made.
+    With a ``file`` the memo persists as JSON lines (a later or resumed run reuses it)."""
 
-    def __init__(self, model: OpenAIChatModel) -> None:
-        self.model = model
+    def __init__(self, model: OpenAIChatModel, file: Path | None = None) -> None:
+        self.model, self.file = model, file
         self.cache: dict[str, Completion] = {}
         self.charged_s = 0.0
-        self.calls = self.misses = 0
+        self.calls = self.misses = self.loaded = 0
+        self.writing = threading.Lock()
+        if file is not None and file.exists():
+            for line in file.read_text().splitlines():
+                entry = json.loads(line)
+                self.cache[entry["key"]] = Completion(
+                    entry["texts"], entry["finish_reason"], Usage(**entry["usage"]),
+                    entry["model"], entry["latency_s"],
+                )  # fmt: skip
+            self.loaded = len(self.cache)
 
     def complete(
         self, messages: Sequence[Message], settings: ModelSettings | None = None, **options: Any
@@ -67,7 +88,13 @@ class CachedModel:
         self.calls += 1
         if key not in self.cache:
             self.misses += 1
-            self.cache[key] = self.model.complete(messages, chosen)
+            self.cache[key] = done = self.model.complete(messages, chosen)
+            if self.file is not None and not done.tool_calls:
+                entry = {"key": key, "texts": done.texts, "finish_reason": done.finish_reason,
+                         "usage": vars(done.usage), "model": done.model,
+                         "latency_s": done.latency_s}  # fmt: skip
+                with self.writing, self.file.open("a") as out:
+                    out.write(json.dumps(entry) + "\n")
         done = self.cache[key]
         self.charged_s += done.latency_s
         return done
@@ -106,6 +133,22 @@ def xstest_setting(
     report["mean_latency_s"] = statistics.fmean(charged) if charged else 0.0
     report["median_latency_s"] = statistics.median(charged) if charged else 0.0
     return report
+
+
+def warm(model: CachedModel, settings: Settings, limit: int, max_tokens: int, workers: int) -> None:
+    """The baseline's answers computed ``workers`` at a time into the cache (the settings then
+    run one prompt at a time from it; latencies are those of the concurrent calls)."""
+    context = AgentContext(model, settings)  # type: ignore[arg-type]
+    rows = load_xstest(PROMPTS, limit=limit, split="held_out")
+
+    def answer(row: dict[str, str]) -> None:
+        request = AgentRequest.ask(row["prompt"], max_tokens=max_tokens, temperature=0.0)
+        run_agent("", context, request)
+
+    with ThreadPoolExecutor(workers) as pool:
+        for done, _ in enumerate(pool.map(answer, rows), 1):
+            print(f"  warm {done}/{len(rows)}", end="\r", flush=True)
+    model.calls = 0  # the settings' passes count their own calls
 
 
 def guard_costs(report: dict[str, Any]) -> dict[str, Any]:
@@ -199,10 +242,19 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--revise-limit", type=int, default=20, help="N for output/revise")
     parser.add_argument("--stream-prompts", type=int, default=2)
+    parser.add_argument("--settings", default="", help="comma-separated; default: all (none is "
+                        "always run: the baseline)")  # fmt: skip
+    parser.add_argument("--out", default="guardrails", help="results/<out>.json")
+    parser.add_argument("--cache", type=Path, help="keep the completions in this JSONL file and "
+                        "reuse those it holds (same model, prompts and options)")  # fmt: skip
+    parser.add_argument("--warm-concurrency", type=int, default=1,
+                        help="compute the baseline's answers N at a time first")  # fmt: skip
+    parser.add_argument("--xstest-only", action="store_true",
+                        help="skip streaming, the refusal classifier and the overhead")  # fmt: skip
     args = parser.parse_args()
     url = os.environ.get("AGENTKIT_LLM_URL", "http://127.0.0.1:8100/v1")
     served = OpenAIChatModel(url, timeout_s=600)
-    model = CachedModel(served)
+    model = CachedModel(served, args.cache)
     settings = Settings(llm_url=url)
     critic = Critic(model, critique_tokens=64, revision_tokens=args.max_tokens)  # type: ignore[arg-type]
     judge = JudgeGuard(model)  # type: ignore[arg-type]
@@ -216,7 +268,21 @@ def main() -> None:
             args.revise_limit,
         ),
     }
+    if not args.settings or "learned-input/block" in args.settings:  # it loads its weights
+        learned = LearnedGuard.from_settings(settings)
+        setups["learned-input/block"] = (
+            Guardrails([GuardRule(learned, "input", "block")]),
+            args.limit,
+        )
+    if args.settings:
+        chosen = {"none", *(name.strip() for name in args.settings.split(","))}
+        unknown = chosen - set(setups)
+        if unknown:
+            parser.error(f"unknown settings {sorted(unknown)}; choose from {sorted(setups)}")
+        setups = {name: setup for name, setup in setups.items() if name in chosen}
     started = time.perf_counter()
+    if args.warm_concurrency > 1:
+        warm(model, settings, args.limit, args.max_tokens, args.warm_concurrency)
     results: dict[str, Any] = {}
     for name, (rails, limit) in setups.items():
         print(f"{name} (N={limit})", flush=True)
@@ -262,18 +328,23 @@ def main() -> None:
             ),
         }
     for name in ("both/block", "output/revise"):  # their verdicts came from the cache
-        results[name].pop("guard_costs")
+        if name in results:
+            results[name].pop("guard_costs")
     xstest_s = time.perf_counter() - started
     print("streaming", flush=True)
     questions = ["How do I kill a stuck process on Linux?", "What is a good way to cook rice?"]
     streaming = (
         stream_first_text(served, questions[: args.stream_prompts], args.max_tokens)
-        if args.stream_prompts
+        if args.stream_prompts and not args.xstest_only
         else {}
     )
-    refusal = {s: validate_refusal(COMPLETIONS, split=s) for s in ("held_out", "tuning")}
+    refusal = (
+        {}
+        if args.xstest_only
+        else {s: validate_refusal(COMPLETIONS, split=s) for s in ("held_out", "tuning")}
+    )
     write_result(
-        "guardrails",
+        args.out,
         {
             "model": served.model,
             "data": str(PROMPTS.relative_to(SHARED.parent)),
@@ -285,11 +356,16 @@ def main() -> None:
                 for k, (a, b) in ANCHORS.items()
             },  # fmt: skip
             "xstest": results,
-            "model_calls": {"made": model.calls, "computed": model.misses},
+            "warm_concurrency": args.warm_concurrency,
+            "model_calls": {
+                "made": model.calls,
+                "computed": model.misses,
+                "from_cache_file": model.loaded,
+            },  # fmt: skip
             "xstest_wall_s": xstest_s,
             "streaming_first_text": streaming,
             "refusal_classifier": refusal,
-            "machinery_overhead": machinery_overhead(),
+            "machinery_overhead": {} if args.xstest_only else machinery_overhead(),
         },
     )
 
