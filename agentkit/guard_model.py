@@ -39,6 +39,7 @@ from agentkit.llm import Message
 from agentkit.refusal_model import (
     TextEmbedder,
     Vocabulary,
+    default_embedder,
     fit_softmax,
     group_folds,
     ngrams,
@@ -103,9 +104,7 @@ class PromptClassifier:
         return self.categories[int((self.centroids @ vector).argmax())]
 
     def save(self, path: Path) -> None:
-        terms = [] if self.vocabulary is None else sorted(
-            self.vocabulary.terms, key=self.vocabulary.terms.__getitem__
-        )  # fmt: skip
+        terms = [] if self.vocabulary is None else self.vocabulary.ordered_terms()
         np.savez_compressed(
             path,
             kind="input_guard",
@@ -151,9 +150,8 @@ class PromptClassifier:
                     embedding_scale=float(data["embedding_scale"]),
                     embedding_model=str(data["embedding_model"]),
                 )
-                terms = [str(t) for t in data["terms"]]
                 vocabulary = (
-                    Vocabulary({t: i for i, t in enumerate(terms)}, data["idf"].astype(float))
+                    Vocabulary.from_saved(data["terms"], data["idf"])
                     if features.max_ngram
                     else None
                 )
@@ -170,12 +168,7 @@ class PromptClassifier:
         if weights.shape[1:] != (len(LABELS),) or bias.shape != (len(LABELS),):
             raise GuardModelError(f"{source} has weights of shape {weights.shape}: {RETRAIN}")
         if embedder is None:
-            from agentkit.retrievers.embedding import Embedder
-            from agentkit.settings import get_settings
-
-            embedder = Embedder.from_settings(
-                settings or get_settings(), model=features.embedding_model
-            )
+            embedder = default_embedder(features.embedding_model, settings)
         return cls(features, vocabulary, weights, bias, threshold, categories, centroids,
                    embedder, trained_with)  # fmt: skip
 

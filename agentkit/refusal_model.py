@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -55,6 +55,9 @@ from agentkit.refusal import (
     classify_refusal,
     refusal_rules,
 )
+
+if TYPE_CHECKING:
+    from agentkit.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +117,15 @@ class Vocabulary:
         n = len(documents)
         idf = np.array([np.log((1 + n) / (1 + df[t])) + 1 for t in kept], dtype=np.float64)
         return cls({t: i for i, t in enumerate(kept)}, idf)
+
+    @classmethod
+    def from_saved(cls, terms: Sequence[str], idf: np.ndarray) -> Vocabulary:
+        """The vocabulary of ``ordered_terms`` and ``idf`` as saved in a weights file."""
+        return cls({str(t): i for i, t in enumerate(terms)}, idf.astype(float))
+
+    def ordered_terms(self) -> list[str]:
+        """The terms in column order (as a weights file stores them)."""
+        return sorted(self.terms, key=self.terms.__getitem__)
 
     def transform(self, documents: Sequence[list[str]]) -> np.ndarray:
         """Sublinear TF times IDF, each row L2-normalised."""
@@ -274,10 +286,9 @@ class RefusalClassifier:
         return RefusalVerdict(LABELS[best], f"learned classifier, p={probs[best]:.2f}")
 
     def save(self, path: Path) -> None:
-        terms = sorted(self.vocabulary.terms, key=self.vocabulary.terms.__getitem__)
         np.savez_compressed(
             path,
-            terms=np.array(terms, dtype=str),
+            terms=np.array(self.vocabulary.ordered_terms(), dtype=str),
             idf=self.vocabulary.idf.astype(np.float32),
             weights=self.weights.astype(np.float32),
             bias=self.bias.astype(np.float32),
@@ -319,20 +330,20 @@ class RefusalClassifier:
                 if "rule_mean" in data.files
                 else NO_RULES
             )
-            terms = [str(t) for t in data["terms"]]
-            vocabulary = Vocabulary({t: i for i, t in enumerate(terms)}, data["idf"].astype(float))
+            vocabulary = Vocabulary.from_saved(data["terms"], data["idf"])
             weights, bias = data["weights"].astype(float), data["bias"].astype(float)
             trained_with = str(data["trained_with"])
-        return cls(config, vocabulary, weights, bias, embedder or default_embedder(config),
-                   trained_with, rule_scaler)  # fmt: skip
+        embedder = embedder or default_embedder(config.embedding_model)
+        return cls(config, vocabulary, weights, bias, embedder, trained_with, rule_scaler)
 
 
-def default_embedder(config: FeatureConfig) -> TextEmbedder:
-    """The project's embedder for ``config.embedding_model``, as the index loads it."""
+def default_embedder(model: str, settings: Settings | None = None) -> TextEmbedder:
+    """The project's embedder for ``model`` with ``settings``' backend (default: the configured
+    settings), as the index loads it."""
     from agentkit.retrievers.embedding import Embedder
     from agentkit.settings import get_settings
 
-    return Embedder.from_settings(get_settings(), model=config.embedding_model)
+    return Embedder.from_settings(settings or get_settings(), model=model)
 
 
 def train_refusal_classifier(

@@ -65,7 +65,7 @@ def main() -> None:
     labels = [r["label"] for r in tuning]
     prompts = [r["prompt"] for r in tuning]
     config = FeatureConfig()
-    embedder = default_embedder(config)
+    embedder = default_embedder(config.embedding_model)
     started = time.perf_counter()
     unit = sentence_features(answers, embedder, dataclasses.replace(config, embedding_scale=1.0))
     embed_s = time.perf_counter() - started

@@ -22,7 +22,8 @@ from langchain_text_splitters import Language, RecursiveCharacterTextSplitter
 from .types import ChunkSpan, LoadedDocument
 
 _HEADING = re.compile(r"(#{1,6})[ \t]")  # then the title: see heading_of
-_ATTRIBUTES = re.compile(r"\{\s*[#.][^}]*\}\s*$")  # `## Title { #anchor }` (attr_list, Pandoc)
+_ATTRIBUTE_LIST = r"\{\s*[#.][^}\n]*\}"  # `## Title { #anchor }` (attr_list, Pandoc)
+_ATTRIBUTES = re.compile(_ATTRIBUTE_LIST + r"\s*$")
 _FENCE = re.compile(r"^[ \t]*(```|~~~)")
 # What the embedding model reads of Markdown: link text without its target, images by their alt
 # text, no heading attribute lists, no inline HTML tags (their text stays). URLs are ~30% of the
@@ -32,7 +33,7 @@ _LINK_TARGET = re.compile(
     r"(!?\[(?:[^\[\]\n]|\[[^\[\]\n]*\])*\])\(((?:[^()\s]|\([^()\s]*\))+)(?:\s+\"[^\"\n]*\")?\)"
 )
 _REFERENCE_DEFINITION = re.compile(r"^[ \t]{0,3}\[[^\]\n]+\]:[ \t]*\S+.*$", re.MULTILINE)
-_HEADING_ATTRIBUTES = re.compile(r"[ \t]*\{\s*[#.][^}\n]*\}[ \t]*$", re.MULTILINE)
+_HEADING_ATTRIBUTES = re.compile(r"[ \t]*" + _ATTRIBUTE_LIST + r"[ \t]*$", re.MULTILINE)
 _INLINE_TAG = re.compile(
     r"</?(?:a|abbr|img|span|div|sup|sub|small|strong|em|b|i|u|br|p|font|kbd|mark|details|summary)"
     r"(?:\s[^<>]*)?/?>",

