@@ -129,6 +129,9 @@ SHAPES = {
     "heading-with-spaces": lambda n: ("# Title" + " " * (n // 100) + "x\n\n" + prose(n), "md"),
     "no-spaces": lambda n: ("".join(random.Random(1).choices("abcdefghij", k=n)), "txt"),
     "paragraphs": lambda n: ("\n\n".join(prose(300, i) for i in range(n // 300)), "md"),
+    # hostile input for the Markdown view's link and tag patterns: nothing ever closes
+    "unclosed-links": lambda n: ("[a[b](c/d(e " * (n // 12), "md"),
+    "unclosed-tags": lambda n: ("<a href=x <span " * (n // 16), "md"),
 }
 
 
