@@ -2,8 +2,9 @@
 
 1. XSTest (held-out half of the dev prompts, a balanced N in file order) through the runner with
    no guard (the baseline of the same run), then input, output and both guards (the served model
-   as judge, policy block), output guard with policy revise, and the learned input guard
-   (``agentkit/guard_model.py``, no model call; ``--settings`` picks some of them). Answers are
+   as judge, policy block), output guard with policy revise, the learned input guard
+   (``agentkit/guard_model.py``, no model call) and both layered (the learned guard on the
+   message, then the judge on both sides; ``--settings`` picks some of them). Answers are
    greedy (temperature 0) and capped at ``--max-tokens``, so every setting gets the same answer for
    the same prompt: a cache in front of the model computes each distinct call once, and each
    prompt's latency in each setting is the sum of the original latencies of the calls it made
@@ -17,6 +18,9 @@
     flock /tmp/agentkit-heavy.lock .venv/bin/python benchmarks/bench_guardrails.py --limit 40
     .venv/bin/python benchmarks/bench_guardrails.py --settings none,learned-input/block \
         --xstest-only --cache /tmp/guardrails_cache.jsonl --out guardrails_learned
+    .venv/bin/python benchmarks/bench_guardrails.py --limit 0 --warm-concurrency 8 \
+      --settings none,input/block,output/block,both/block,learned-input/block,learned+judge/block \
+        --xstest-only --cache /tmp/guard_heldout_all.jsonl --out guardrails_heldout_all
 
 The model server does the waiting in the second: it needs no lock (``--xstest-only`` leaves out
 the CPU timings). ``--cache`` keeps the completions, so an interrupted run resumes and a later
@@ -135,19 +139,27 @@ def xstest_setting(
     return report
 
 
-def warm(model: CachedModel, settings: Settings, limit: int, max_tokens: int, workers: int) -> None:
-    """The baseline's answers computed ``workers`` at a time into the cache (the settings then
-    run one prompt at a time from it; latencies are those of the concurrent calls)."""
-    context = AgentContext(model, settings)  # type: ignore[arg-type]
-    rows = load_xstest(PROMPTS, limit=limit, split="held_out")
+def warm(
+    model: CachedModel,
+    settings: Settings,
+    setups: dict[str, tuple[Guardrails | None, int]],
+    max_tokens: int,
+    workers: int,
+) -> None:
+    """Each setting's calls computed ``workers`` prompts at a time into the cache, the baseline
+    first (the settings then run one prompt at a time from it; latencies are those of the
+    concurrent calls)."""
+    for name, (rails, limit) in setups.items():
+        context = AgentContext(model, settings, guardrails=rails)  # type: ignore[arg-type]
+        rows = load_xstest(PROMPTS, limit=limit, split="held_out")
 
-    def answer(row: dict[str, str]) -> None:
-        request = AgentRequest.ask(row["prompt"], max_tokens=max_tokens, temperature=0.0)
-        run_agent("", context, request)
+        def answer(row: dict[str, str], context: AgentContext = context) -> None:
+            request = AgentRequest.ask(row["prompt"], max_tokens=max_tokens, temperature=0.0)
+            run_agent("", context, request)
 
-    with ThreadPoolExecutor(workers) as pool:
-        for done, _ in enumerate(pool.map(answer, rows), 1):
-            print(f"  warm {done}/{len(rows)}", end="\r", flush=True)
+        with ThreadPoolExecutor(workers) as pool:
+            for done, _ in enumerate(pool.map(answer, rows), 1):
+                print(f"  warm {name} {done}/{len(rows)}", end="\r", flush=True)
     model.calls = 0  # the settings' passes count their own calls
 
 
@@ -238,7 +250,8 @@ def stream_first_text(model: OpenAIChatModel, questions: list[str], max_tokens: 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--limit", type=int, default=40, help="balanced N of held-out prompts")
+    parser.add_argument("--limit", type=int, default=40,
+                        help="balanced N of held-out prompts (0: all 122)")  # fmt: skip
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--revise-limit", type=int, default=20, help="N for output/revise")
     parser.add_argument("--stream-prompts", type=int, default=2)
@@ -248,7 +261,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, help="keep the completions in this JSONL file and "
                         "reuse those it holds (same model, prompts and options)")  # fmt: skip
     parser.add_argument("--warm-concurrency", type=int, default=1,
-                        help="compute the baseline's answers N at a time first")  # fmt: skip
+                        help="compute each setting's calls N prompts at a time first")  # fmt: skip
     parser.add_argument("--xstest-only", action="store_true",
                         help="skip streaming, the refusal classifier and the overhead")  # fmt: skip
     args = parser.parse_args()
@@ -268,10 +281,16 @@ def main() -> None:
             args.revise_limit,
         ),
     }
-    if not args.settings or "learned-input/block" in args.settings:  # it loads its weights
+    if not args.settings or "learned" in args.settings:  # it loads its weights
         learned = LearnedGuard.from_settings(settings)
         setups["learned-input/block"] = (
             Guardrails([GuardRule(learned, "input", "block")]),
+            args.limit,
+        )
+        # both detectors, either one blocks: the learned guard first (no model call), then the
+        # judge on the message it let through and on the answer
+        setups["learned+judge/block"] = (
+            Guardrails([GuardRule(learned, "input", "block"), GuardRule(judge, "both", "block")]),
             args.limit,
         )
     if args.settings:
@@ -282,7 +301,7 @@ def main() -> None:
         setups = {name: setup for name, setup in setups.items() if name in chosen}
     started = time.perf_counter()
     if args.warm_concurrency > 1:
-        warm(model, settings, args.limit, args.max_tokens, args.warm_concurrency)
+        warm(model, settings, setups, args.max_tokens, args.warm_concurrency)
     results: dict[str, Any] = {}
     for name, (rails, limit) in setups.items():
         print(f"{name} (N={limit})", flush=True)
