@@ -557,7 +557,8 @@ def eval_xstest_command(
     guard: Annotated[str, typer.Option(help="none, input, output or both.")] = "none",
     guard_kind: Annotated[
         str | None,
-        typer.Option(help="auto, judge, llama-guard or learned (AGENTKIT_GUARD_KIND)."),
+        typer.Option(help="auto, judge, llama-guard, learned, or learned+judge / "
+                     "learned+llama-guard (layered) (AGENTKIT_GUARD_KIND)."),
     ] = None,
     policy: Annotated[str, typer.Option(help="block, flag or revise.")] = "block",
     revise: Annotated[bool, typer.Option(help="Critique and revise every answer.")] = False,
@@ -585,7 +586,8 @@ def eval_xstest_command(
                     policy=(policy, ("block", "flag", "revise")),
                     split=(split, ("all", "tuning", "held_out")))  # fmt: skip
     if guard_kind is not None:
-        require_choices(**{"guard-kind": (guard_kind, ("auto", "judge", "llama-guard", "learned"))})
+        kinds = ("auto", "judge", "llama-guard", "learned", "learned+judge", "learned+llama-guard")
+        require_choices(**{"guard-kind": (guard_kind, kinds)})
     if agent:
         require_choices(agent=(agent, tuple(agent_names())))
     with reported_errors(), ExitStack() as stack:

@@ -93,12 +93,7 @@ class Guardrails:
         from agentkit.constitution import load_constitution
         from agentkit.rewards import RewardModel
 
-        rules = []
-        if settings.guard != "none":
-            rules.append(
-                GuardRule(guard_from_settings(settings, model), settings.guard,
-                          settings.guard_policy, settings.guard_on_error)
-            )  # fmt: skip
+        rules = guard_rules(settings, model)
         reward = None
         if settings.reward_url:
             reward = RewardModel(settings.reward_url, settings.reward_model or "",
@@ -109,20 +104,35 @@ class Guardrails:
         return cls(rules, critic, settings.revise, best_of, reward)
 
 
-def guard_from_settings(settings: Settings, model: Any) -> Guard:
-    """The guard ``AGENTKIT_GUARD_KIND`` names (auto: Llama Guard at ``AGENTKIT_GUARD_URL`` when
-    set, else the served model as judge). ConfigError for a combination that cannot work."""
+def guard_rules(settings: Settings, model: Any) -> list[GuardRule]:
+    """The rules ``AGENTKIT_GUARD*`` ask for: one guard, or for a layered kind
+    (``learned+judge``, ``learned+llama-guard``) the learned guard on the message first (no
+    model call for what it blocks), then the other guard where ``AGENTKIT_GUARD`` says."""
+    if settings.guard == "none":
+        return []
+    kinds = settings.guard_kind.split("+")
+    rules = []
+    for kind in kinds:
+        stage = "input" if kind == "learned" and len(kinds) > 1 else settings.guard
+        guard = make_guard(kind, stage, settings, model)
+        rules.append(GuardRule(guard, stage, settings.guard_policy, settings.guard_on_error))
+    return rules
+
+
+def make_guard(kind: str, stage: str, settings: Settings, model: Any) -> Guard:
+    """The guard ``kind`` names (auto: Llama Guard at ``AGENTKIT_GUARD_URL`` when set, else the
+    served model as judge) for ``stage``. ConfigError for a combination that cannot work."""
     from agentkit.errors import ConfigError
     from agentkit.guards import JudgeGuard, LlamaGuard
 
-    kind = settings.guard_kind
     if kind == "auto":
         kind = "llama-guard" if settings.guard_url else "judge"
     if kind == "learned":
-        if settings.guard != "input":
+        if stage != "input":
             raise ConfigError(
                 f"the learned guard reads the user's message only, so it cannot guard "
-                f"'{settings.guard}'; set AGENTKIT_GUARD=input (or --guard input)"
+                f"'{stage}'; set AGENTKIT_GUARD=input (or --guard input), or layer it with "
+                "AGENTKIT_GUARD_KIND=learned+judge"
             )
         from agentkit.guard_model import LearnedGuard
 
@@ -162,8 +172,8 @@ class GuardReport:
 def check_stage(
     rules: Sequence[GuardRule], messages: Sequence[Message], stage: Stage, report: GuardReport
 ) -> list[tuple[GuardRule, Verdict]]:
-    """Run every rule of the stage; the unsafe verdicts with their rules (failed guards give
-    their rule's fail-open/closed verdict)."""
+    """Run the stage's rules in order until one blocks; the unsafe verdicts with their rules
+    (failed guards give their rule's fail-open/closed verdict)."""
     unsafe = []
     for rule in rules:
         if not rule.applies(stage):
@@ -190,6 +200,8 @@ def check_stage(
         report.usage += verdict.usage
         if not verdict.safe:
             unsafe.append((rule, verdict))
+            if rule.policy == "block":  # the answer is decided: later guards would cost only
+                break
     return unsafe
 
 

@@ -137,11 +137,15 @@ class Settings(BaseSettings):
         None, description="A guard model served by vLLM (e.g. Llama Guard); unset: the judge."
     )
     guard_model: str | None = Field(None, description="The guard model's served name.")
-    guard_kind: Literal["auto", "judge", "llama-guard", "learned"] = Field(
+    guard_kind: Literal[
+        "auto", "judge", "llama-guard", "learned", "learned+judge", "learned+llama-guard"
+    ] = Field(
         "auto",
         description="Which guard: the served model as judge, a Llama Guard model at guard_url, "
         "or the learned input classifier (CPU, no model server; input only); auto: llama-guard "
-        "when guard_url is set, else judge.",
+        "when guard_url is set, else judge. learned+judge / learned+llama-guard layer them: the "
+        "learned guard checks the message first, the other guard then checks what AGENTKIT_GUARD "
+        "names.",
     )
     guard_weights: Path | None = Field(
         None, description="The learned guard's weights (.npz); unset: the shipped ones."
