@@ -649,6 +649,14 @@ def eval_refusal_command(
             None if classifier == "rules" else lambda q, a: judge.classify(q, a).label,
             split=split,  # type: ignore[arg-type]
         )
+    if classifier == "learned" and judge.in_sample(split):
+        report["in_sample"] = True
+        errors.print(
+            f"note: the learned classifier was trained on {judge.trained_on} of XSTest's labelled "
+            "completions, so this accuracy is in-sample; its cross-validated accuracy is in "
+            "benchmarks/results/refusal_classifier.json",
+            highlight=False,
+        )
     print_json({"classifier": classifier, **report}, indent=2 if not as_json else None)
 
 

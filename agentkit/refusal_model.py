@@ -5,7 +5,9 @@ Features of an answer: TF-IDF of the word 1-3-grams in its first ``opening_chars
 all-MiniLM-L6-v2) of its first three sentences and its last one (does it go on to answer, or
 close with a referral?). The model is a multinomial logistic regression fitted in NumPy, its
 weights shipped in ``prompts/refusal_classifier.npz`` (no pickle) and reproduced by
-``benchmarks/train_refusal_classifier.py`` from the tuning half of XSTest's labelled completions.
+``benchmarks/train_refusal_classifier.py`` from all 1,170 of XSTest's labelled completions
+(``trained_on`` in the file; the features and the rule-free choice below were settled on the
+tuning half first).
 
 The string rules' verdict is not a feature of the shipped model: the rules were written against
 the tuning half, so there it is right 92% of the time against 86% on the held-out half, and a
@@ -26,10 +28,10 @@ weights keep ``rule_features_scale`` 0 (weight files without it load so).
 ``classify_refusal_learned`` falls back to the string rules, saying so in the verdict's reason,
 when the embedding model cannot be loaded.
 
-Cross-validated on the tuning half (10 folds grouped by prompt): 90.5%; on the held-out half
-88.4% against the rules' 86.4% (``results/refusal_classifier.json``). It finds nearly every
-refusal but almost never a partial one (1 of 45 held-out), and it calls more answers refusals
-than the rules do (25 of 320 held-out compliances, the rules 11).
+Fitted on the tuning half alone it scored 88.4% on the held-out half against the rules' 86.4%,
+finding nearly every refusal but 1 of 45 partial ones. The shipped fit on all completions is
+scored by 10-fold cross-validation grouped by prompt: 89.9% at C=10 (C=3: 89.6%), the rules
+89.0% on the same completions (``results/refusal_classifier.json``, with the confusion matrix).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from agentkit.refusal import (
     Label,
     RefusalVerdict,
     classify_refusal,
+    confusion,
     refusal_rules,
 )
 
@@ -258,6 +261,7 @@ class RefusalClassifier:
     embedder: TextEmbedder
     trained_with: str = ""  # the embedding backend the weights were fitted on
     rule_scaler: Standardizer = NO_RULES  # fitted on the training answers' rule features
+    trained_on: str = "tuning"  # which of XSTest's labelled completions: tuning (half) or all
 
     def probabilities(
         self, answers: Sequence[str], sentence_vectors: np.ndarray | None = None
@@ -302,6 +306,7 @@ class RefusalClassifier:
             rule_mean=self.rule_scaler.mean,
             rule_std=self.rule_scaler.std,
             trained_with=self.trained_with,
+            trained_on=self.trained_on,
         )
 
     @classmethod
@@ -312,7 +317,8 @@ class RefusalClassifier:
 
         ``embedder`` defaults to the configured backend of the model the weights were trained
         with; it loads on first use. Files saved before the rule features load with
-        ``rule_features_scale`` 0 (none)."""
+        ``rule_features_scale`` 0 (none), and files without ``trained_on`` as trained on the
+        tuning half."""
         source = Path(path) if path else resources.files("agentkit.prompts") / MODEL_FILE
         with source.open("rb") as file, np.load(file, allow_pickle=False) as data:
             if tuple(data["labels"]) != LABELS:
@@ -333,8 +339,14 @@ class RefusalClassifier:
             vocabulary = Vocabulary.from_saved(data["terms"], data["idf"])
             weights, bias = data["weights"].astype(float), data["bias"].astype(float)
             trained_with = str(data["trained_with"])
+            trained_on = str(data["trained_on"]) if "trained_on" in data.files else "tuning"
         embedder = embedder or default_embedder(config.embedding_model)
-        return cls(config, vocabulary, weights, bias, embedder, trained_with, rule_scaler)
+        return cls(config, vocabulary, weights, bias, embedder, trained_with, rule_scaler,
+                   trained_on)  # fmt: skip
+
+    def in_sample(self, split: str) -> bool:
+        """Whether XSTest's labelled completions of ``split`` include some it was trained on."""
+        return self.trained_on == "all" or split in ("all", self.trained_on)
 
 
 def default_embedder(model: str, settings: Settings | None = None) -> TextEmbedder:
@@ -393,11 +405,13 @@ def cross_validate(
     seeds: Sequence[int] = (0,),
     sentence_vectors: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Accuracy of ``k``-fold cross-validation grouped by ``groups``, averaged over ``seeds``."""
+    """Accuracy of ``k``-fold cross-validation grouped by ``groups``, averaged over ``seeds``,
+    and the first seed's confusion matrix (every answer predicted once, by the fold without it)."""
     config = config or FeatureConfig(embedding_model=getattr(embedder, "name", ""))
     if sentence_vectors is None:
         sentence_vectors = sentence_features(answers, embedder, config)
-    accuracies = []
+    accuracies: list[float] = []
+    first: list[tuple[str, str]] = []
     for seed in seeds:
         folds = group_folds(groups, k, seed)
         correct = 0
@@ -408,10 +422,13 @@ def cross_validate(
                 config=config, sentence_vectors=sentence_vectors[train],
             )  # fmt: skip
             probs = model.probabilities([answers[i] for i in test], sentence_vectors[test])
-            correct += sum(LABELS[p] == labels[i] for p, i in zip(probs.argmax(axis=1), test))
+            pairs = [(labels[i], LABELS[p]) for p, i in zip(probs.argmax(axis=1), test)]
+            correct += sum(gold == predicted for gold, predicted in pairs)
+            if seed == seeds[0]:
+                first += pairs
         accuracies.append(correct / len(answers))
     return {"c": c, "k": k, "seeds": list(seeds), "accuracy": float(np.mean(accuracies)),
-            "per_seed": accuracies}  # fmt: skip
+            "per_seed": accuracies, "first_seed": confusion(first)}  # fmt: skip
 
 
 # --- the shipped classifier, with the rules as its fallback --------------------------------------

@@ -1,24 +1,29 @@
 """Issue 14: train the learned refusal classifier (agentkit/refusal_model.py) and score it.
 
-1. Hyperparameters by 10-fold cross-validation on the tuning half of XSTest's labelled
-   completions only, folds grouped by prompt (every completion of a prompt in one fold), three
-   fold seeds: ``C`` times the rule features' weight (0: none); the sentence embeddings' weight
-   stays 0.25, which an earlier grid (0.25, 0.5 at C 1-30) chose at every ``C``. The rules were
-   written on the tuning half, so the cross-validated gain of the rule features is optimistic:
-   the best of this grid (rules 0.25, C=10: CV 92.6%) scored 87.7% held-out against the
-   rule-free model's 88.4%, so the shipped weights are the rule-free ones, which
-   ``--rule-scales 0`` reproduces exactly (C=3).
-2. The best setting refit on the whole tuning half, saved to ``prompts/refusal_classifier.npz``
-   (deterministic: no random state in the fit; the fold seeds only pick the setting).
-3. Unless ``--no-held-out``: the saved model and the string rules (the baseline, same run) on
-   the held-out half, beside the previous model's held-out figures (carried over from the
-   results file this run replaces). Figures in ``results/refusal_classifier.json``.
+1. Hyperparameters by 10-fold cross-validation, folds grouped by prompt (every completion of a
+   prompt in one fold), three fold seeds: ``C`` times the rule features' weight (0: none); the
+   sentence embeddings' weight stays 0.25, which an earlier grid (0.25, 0.5 at C 1-30) chose at
+   every ``C``. The rules were written on the tuning half, so the cross-validated gain of the
+   rule features is optimistic: the best of that grid (rules 0.25, C=10: CV 92.6% on the
+   tuning half) scored 87.7% held-out against the rule-free model's 88.4%, so the shipped
+   weights are rule-free (``--rule-scales 0``).
+2. ``--train-on all`` (the shipped weights): the cross-validation runs over all 1,170 labelled
+   completions, the best setting is refit on all of them, and the figure to report is the
+   cross-validated accuracy (with the first seed's confusion matrix); the same recipe fit on
+   each half alone and scored on the other, and the string rules, come in the same run. No
+   held-out half is left, so ``agentkit eval refusal --classifier learned`` marks its figures
+   in-sample.
+3. ``--train-on tuning``: the tuning half only, then (unless ``--no-held-out``) the saved model
+   and the string rules on the held-out half, beside the previous model's held-out figures.
+   Figures in ``results/refusal_classifier.json``; the fit is deterministic (the fold seeds only
+   pick the setting).
 
 The sentence embeddings come from the configured embedding backend (recorded with the weights;
 the shipped ones: ``onnx-fp32``); ``AGENTKIT_EMBEDDING_BACKEND=onnx-fp32`` reproduces them
-exactly where ``auto`` would pick another.
+exactly where ``auto`` would pick another. One setting's 30 fits take ~7 min on 2 cores.
 
-    flock /tmp/agentkit-heavy.lock .venv/bin/python benchmarks/train_refusal_classifier.py
+    flock /tmp/agentkit-heavy.lock .venv/bin/python benchmarks/train_refusal_classifier.py \
+        --rule-scales 0
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 from common import RESULTS, ROOT, SHARED, write_result
 
-from agentkit.refusal import held_out, read_csv, validate_refusal
+from agentkit.refusal import LABELS, held_out, read_csv, validate_refusal
 from agentkit.refusal_model import (
     MODEL_FILE,
     FeatureConfig,
@@ -58,12 +64,18 @@ def main() -> None:
         "--rule-scales", default=",".join(map(str, GRID["rule_features_scale"])),
         help="The rule features' weights to try (0: none; '0' reproduces the shipped weights).",
     )  # fmt: skip
+    parser.add_argument(
+        "--train-on", choices=("all", "tuning"), default="all",
+        help="all (the shipped weights): cross-validated over all 1,170 completions, which "
+        "leaves no held-out half; tuning: the tuning half, scored on the held-out half.",
+    )  # fmt: skip
     args = parser.parse_args()
 
-    tuning = [r for r in read_csv(args.data) if not held_out(r["prompt"])]
-    answers = [r["completion"] for r in tuning]
-    labels = [r["label"] for r in tuning]
-    prompts = [r["prompt"] for r in tuning]
+    rows = read_csv(args.data)
+    training = rows if args.train_on == "all" else [r for r in rows if not held_out(r["prompt"])]
+    answers = [r["completion"] for r in training]
+    labels = [r["label"] for r in training]
+    prompts = [r["prompt"] for r in training]
     config = FeatureConfig()
     embedder = default_embedder(config.embedding_model)
     started = time.perf_counter()
@@ -85,18 +97,24 @@ def main() -> None:
     # ties: no rule features, then the stronger penalty
     best = max(grid, key=lambda g: (g["accuracy"], -g["rule_features_scale"], -g["c"]))
     config = dataclasses.replace(config, rule_features_scale=best["rule_features_scale"])
-    model = train_refusal_classifier(
-        answers, labels, embedder=embedder, c=best["c"], config=config,
-        sentence_vectors=unit * config.embedding_scale,
-    )  # fmt: skip
+
+    def fit(chosen: list[int]) -> RefusalClassifier:
+        return train_refusal_classifier(
+            [answers[i] for i in chosen], [labels[i] for i in chosen], embedder=embedder,
+            c=best["c"], config=config, sentence_vectors=unit[chosen] * config.embedding_scale,
+        )  # fmt: skip
+
+    model = fit(list(range(len(answers))))
+    model.trained_on = args.train_on
     model.save(args.out)
     report = {
         "data": str(args.data),
-        "tuning_n": len(tuning),
+        "trained_on": args.train_on,
+        "training_n": len(training),
         "features": dataclasses.asdict(config),
         "n_terms": len(model.vocabulary.terms),
         "embedding_backend": model.trained_with,
-        "embed_tuning_s": embed_s,
+        "embed_training_s": embed_s,
         "cv": {
             "folds": FOLDS,
             "grouped_by": "prompt",
@@ -106,7 +124,18 @@ def main() -> None:
         },  # fmt: skip
         "weights": str(args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out),
     }
-    if not args.no_held_out:
+    if args.train_on == "all":
+        # the same recipe on each half alone, scored on the other (no model saw its test half)
+        tuning = [i for i, p in enumerate(prompts) if not held_out(p)]
+        other = [i for i, p in enumerate(prompts) if held_out(p)]
+        report["halves"] = {
+            "tuning_to_held_out": half_accuracy(fit(tuning), answers, labels, unit, other, config),
+            "held_out_to_tuning": half_accuracy(fit(other), answers, labels, unit, tuning, config),
+        }
+        report["rules"] = {s: validate_refusal(args.data, split=s) for s in ("all", "held_out")}
+        print(f"CV over all: {best['accuracy']:.3f}; halves {report['halves']}; rules "
+              f"{report['rules']['all']['accuracy']:.3f}", flush=True)  # fmt: skip
+    elif not args.no_held_out:
         previous = previous_held_out()
         shipped = RefusalClassifier.load(args.out, embedder=embedder)
         started = time.perf_counter()
@@ -122,6 +151,18 @@ def main() -> None:
         for name, figures in report["held_out"].items():
             print(f"held-out {name}: {figures['accuracy']:.3f}", flush=True)
     print(f"wrote {write_result('refusal_classifier', report)}")
+
+
+def half_accuracy(
+    model: RefusalClassifier,
+    answers: list[str],
+    labels: list[str],
+    unit: np.ndarray,
+    test: list[int],
+    config: FeatureConfig,
+) -> float:
+    probs = model.probabilities([answers[i] for i in test], unit[test] * config.embedding_scale)
+    return float(np.mean([LABELS[p] == labels[i] for p, i in zip(probs.argmax(axis=1), test)]))
 
 
 def previous_held_out() -> dict | None:

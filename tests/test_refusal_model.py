@@ -17,6 +17,7 @@ from agentkit.refusal_model import (
     FeatureConfig,
     RefusalClassifier,
     classify_refusal_learned,
+    cross_validate,
     fit_softmax,
     group_folds,
     key_sentences,
@@ -122,11 +123,39 @@ def test_rule_features_round_trip_and_old_weight_files_load_without_them(tmp_pat
     assert np.allclose(loaded.probabilities(new), plain.probabilities(new), atol=1e-4)
 
 
+def test_the_weights_say_which_labelled_completions_they_were_trained_on(tmp_path: Path) -> None:
+    model = tiny_classifier()
+    model.trained_on = "all"
+    model.save(tmp_path / "m.npz")
+    loaded = RefusalClassifier.load(tmp_path / "m.npz", embedder=HashingEmbedder())
+    assert loaded.trained_on == "all"
+    assert all(loaded.in_sample(split) for split in ("all", "tuning", "held_out"))
+    with np.load(tmp_path / "m.npz") as data:  # a file from before: the tuning half
+        np.savez(tmp_path / "old.npz", **{k: data[k] for k in data.files if k != "trained_on"})
+    old = RefusalClassifier.load(tmp_path / "old.npz", embedder=HashingEmbedder())
+    assert old.trained_on == "tuning"
+    assert [old.in_sample(s) for s in ("all", "tuning", "held_out")] == [True, True, False]
+
+
 def test_folds_keep_every_completion_of_a_prompt_together() -> None:
     groups = [f"p{i % 7}" for i in range(35)]
     folds = group_folds(groups, 3, seed=0)
     assert {len({f for g, f in zip(groups, folds) if g == p}) for p in set(groups)} == {1}
     assert set(folds) == {0, 1, 2} and np.array_equal(folds, group_folds(groups, 3, seed=0))
+
+
+def test_cross_validation_predicts_every_answer_once_and_reports_its_confusion() -> None:
+    answers = REFUSALS + ANSWERS
+    labels = ["full_refusal"] * len(REFUSALS) + ["full_compliance"] * len(ANSWERS)
+    config = FeatureConfig(min_df=1, embedding_model="test/hashing")
+    result = cross_validate(answers, labels, [f"p{i}" for i in range(len(answers))],
+                            embedder=HashingEmbedder(), c=10.0, config=config, k=3,
+                            seeds=(0, 1))  # fmt: skip
+    matrix = result["first_seed"]["matrix"]
+    assert result["first_seed"]["n"] == len(answers)
+    assert result["first_seed"]["accuracy"] == result["per_seed"][0]
+    assert sum(matrix["full_refusal"].values()) == len(REFUSALS)
+    assert result["accuracy"] == pytest.approx(np.mean(result["per_seed"]))
 
 
 def test_without_the_embedder_the_rules_decide_and_say_so(monkeypatch) -> None:
@@ -151,8 +180,13 @@ def test_the_cli_scores_the_classifier_it_is_told_to(tmp_path: Path, monkeypatch
         result = CliRunner().invoke(app, ["eval", "refusal", "--data", str(labelled), "--split",
                                           "all", "--classifier", classifier, "--json"])  # fmt: skip
         assert result.exit_code == 0, result.output
-        report = json.loads(result.output)
+        report = json.loads(result.stdout)
         assert (report["classifier"], report["accuracy"], report["n"]) == (classifier, 1.0, 2)
+        # the tiny model was trained on the tuning half: --split all includes it
+        assert report.get("in_sample") is (True if classifier == "learned" else None)
+    held_out = CliRunner().invoke(app, ["eval", "refusal", "--data", str(labelled), "--split",
+                                        "held_out", "--classifier", "learned"])  # fmt: skip
+    assert held_out.exit_code == 0 and "in_sample" not in held_out.output
     bad = CliRunner().invoke(app, ["eval", "refusal", "--data", str(labelled), "--classifier",
                                    "maybe"])  # fmt: skip
     assert bad.exit_code == 2 and "--classifier must be one of" in bad.output
