@@ -9,14 +9,14 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from agentkit.errors import AgentkitError
-from agentkit.settings import get_settings
+from agentkit.settings import GuardKind, get_settings
 
 app = typer.Typer(
     help="agentkit: RAG, PAL and ReAct agents on a self-hosted model.", no_args_is_help=True
@@ -557,8 +557,10 @@ def eval_xstest_command(
     guard: Annotated[str, typer.Option(help="none, input, output or both.")] = "none",
     guard_kind: Annotated[
         str | None,
-        typer.Option(help="auto, judge, llama-guard, learned, or learned+judge / "
-                     "learned+llama-guard (layered) (AGENTKIT_GUARD_KIND)."),
+        typer.Option(
+            help="auto, judge, llama-guard, learned, or learned+judge / "
+            "learned+llama-guard (layered) (AGENTKIT_GUARD_KIND)."
+        ),
     ] = None,
     policy: Annotated[str, typer.Option(help="block, flag or revise.")] = "block",
     revise: Annotated[bool, typer.Option(help="Critique and revise every answer.")] = False,
@@ -586,8 +588,7 @@ def eval_xstest_command(
                     policy=(policy, ("block", "flag", "revise")),
                     split=(split, ("all", "tuning", "held_out")))  # fmt: skip
     if guard_kind is not None:
-        kinds = ("auto", "judge", "llama-guard", "learned", "learned+judge", "learned+llama-guard")
-        require_choices(**{"guard-kind": (guard_kind, kinds)})
+        require_choices(**{"guard-kind": (guard_kind, get_args(GuardKind))})
     if agent:
         require_choices(agent=(agent, tuple(agent_names())))
     with reported_errors(), ExitStack() as stack:

@@ -393,6 +393,18 @@ def group_folds(groups: Sequence[str], k: int, seed: int) -> np.ndarray:
     return np.array([fold[g] for g in groups])
 
 
+def scored_pairs(
+    model: RefusalClassifier,
+    answers: Sequence[str],
+    labels: Sequence[str],
+    sentence_vectors: np.ndarray,
+    test: Sequence[int],
+) -> list[tuple[str, str]]:
+    """(gold, predicted) for the answers at ``test``, from their precomputed sentence vectors."""
+    probs = model.probabilities([answers[i] for i in test], sentence_vectors[test])
+    return [(labels[i], LABELS[p]) for p, i in zip(probs.argmax(axis=1), test)]
+
+
 def cross_validate(
     answers: Sequence[str],
     labels: Sequence[str],
@@ -421,8 +433,7 @@ def cross_validate(
                 [answers[i] for i in train], [labels[i] for i in train], embedder=embedder, c=c,
                 config=config, sentence_vectors=sentence_vectors[train],
             )  # fmt: skip
-            probs = model.probabilities([answers[i] for i in test], sentence_vectors[test])
-            pairs = [(labels[i], LABELS[p]) for p, i in zip(probs.argmax(axis=1), test)]
+            pairs = scored_pairs(model, answers, labels, sentence_vectors, test)
             correct += sum(gold == predicted for gold, predicted in pairs)
             if seed == seeds[0]:
                 first += pairs

@@ -24,6 +24,12 @@ from agentkit.mcp_client import MCPServerSpec  # pydantic needs it at run time
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
+# the guards AGENTKIT_GUARD_KIND names; learned+X: the learned input guard first, then X
+GuardKind = Literal[
+    "auto", "judge", "llama-guard", "learned", "learned+judge", "learned+llama-guard"
+]
+
+
 class Settings(BaseSettings):
     """agentkit configuration (``AGENTKIT_<FIELD>`` environment variables, ``agentkit.toml``)."""
 
@@ -137,9 +143,7 @@ class Settings(BaseSettings):
         None, description="A guard model served by vLLM (e.g. Llama Guard); unset: the judge."
     )
     guard_model: str | None = Field(None, description="The guard model's served name.")
-    guard_kind: Literal[
-        "auto", "judge", "llama-guard", "learned", "learned+judge", "learned+llama-guard"
-    ] = Field(
+    guard_kind: GuardKind = Field(
         "auto",
         description="Which guard: the served model as judge, a Llama Guard model at guard_url, "
         "or the learned input classifier (CPU, no model server; input only); auto: llama-guard "

@@ -35,16 +35,16 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 from common import RESULTS, ROOT, SHARED, write_result
 
-from agentkit.refusal import LABELS, held_out, read_csv, validate_refusal
+from agentkit.refusal import confusion, held_out, read_csv, validate_refusal
 from agentkit.refusal_model import (
     MODEL_FILE,
     FeatureConfig,
     RefusalClassifier,
     cross_validate,
     default_embedder,
+    scored_pairs,
     sentence_features,
     train_refusal_classifier,
 )
@@ -128,10 +128,12 @@ def main() -> None:
         # the same recipe on each half alone, scored on the other (no model saw its test half)
         tuning = [i for i, p in enumerate(prompts) if not held_out(p)]
         other = [i for i, p in enumerate(prompts) if held_out(p)]
+        vectors = unit * config.embedding_scale
         report["halves"] = {
-            "tuning_to_held_out": half_accuracy(fit(tuning), answers, labels, unit, other, config),
-            "held_out_to_tuning": half_accuracy(fit(other), answers, labels, unit, tuning, config),
-        }
+            name: confusion(scored_pairs(fit(train), answers, labels, vectors, test))["accuracy"]
+            for name, train, test in (("tuning_to_held_out", tuning, other),
+                                      ("held_out_to_tuning", other, tuning))
+        }  # fmt: skip
         report["rules"] = {s: validate_refusal(args.data, split=s) for s in ("all", "held_out")}
         print(f"CV over all: {best['accuracy']:.3f}; halves {report['halves']}; rules "
               f"{report['rules']['all']['accuracy']:.3f}", flush=True)  # fmt: skip
@@ -151,18 +153,6 @@ def main() -> None:
         for name, figures in report["held_out"].items():
             print(f"held-out {name}: {figures['accuracy']:.3f}", flush=True)
     print(f"wrote {write_result('refusal_classifier', report)}")
-
-
-def half_accuracy(
-    model: RefusalClassifier,
-    answers: list[str],
-    labels: list[str],
-    unit: np.ndarray,
-    test: list[int],
-    config: FeatureConfig,
-) -> float:
-    probs = model.probabilities([answers[i] for i in test], unit[test] * config.embedding_scale)
-    return float(np.mean([LABELS[p] == labels[i] for p, i in zip(probs.argmax(axis=1), test)]))
 
 
 def previous_held_out() -> dict | None:
